@@ -10,6 +10,8 @@ from typing import Any
 import torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Triton's name for each supported dtype, as written in a kernel signature ("*fp16" is a pointer to it).
+TRITON_TYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def interpreting() -> bool:

@@ -1,0 +1,193 @@
+"""The fused ResNet: every conv+BN(+residual)(+ReLU), the max pool and the pool+FC head run as Triton kernels.
+
+Built once from an eager model by `fuse`: BatchNorm is folded into the convolutions (or into the next conv's input
+prologue for pre-activation blocks), weights are packed into the kernels' layout and dtype, and activations stay NHWC
+from the stem to the head. No eager conv, BN, ReLU, add, pool or linear runs in `forward`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kernels._common import SUPPORTED_DTYPES, interpreting
+from kernels.avgpool_linear import avgpool_linear, pack_linear_weight
+from kernels.conv_bn_act import conv_bn_act, pack_conv_weight
+from kernels.maxpool import max_pool2d_nhwc
+from models.folding import bn_scale_shift, fold_conv_bn
+from models.preact_resnet import PreActBasicBlock, PreActBottleneck, PreActResNet
+from models.resnet import BasicBlock, Bottleneck, ResNet
+
+
+class FusedConv(nn.Module):
+    """One convolution with its folded BatchNorm, optional input prologue, and a fixed activation.
+
+    Holds the packed weight [R*S*C, K] in the compute dtype and the float32 bias [K]; `forward` is one kernel launch.
+    """
+
+    def __init__(
+        self,
+        conv: nn.Conv2d,
+        bn: nn.BatchNorm2d | None,
+        dtype: torch.dtype,
+        *,
+        relu: bool,
+        prologue_bn: nn.BatchNorm2d | None = None,
+    ) -> None:
+        super().__init__()
+        weight, bias = fold_conv_bn(conv, bn)
+        self.register_buffer("weight", pack_conv_weight(weight, dtype))
+        self.register_buffer("bias", bias.float().contiguous())
+        if prologue_bn is not None:
+            scale, shift = bn_scale_shift(prologue_bn)
+            self.register_buffer("prologue_scale", scale.float().contiguous())
+            self.register_buffer("prologue_shift", shift.float().contiguous())
+        else:
+            self.prologue_scale = self.prologue_shift = None
+        self.in_channels = conv.in_channels
+        self.kernel_size = conv.kernel_size
+        self.stride = conv.stride
+        self.padding = conv.padding
+        self.relu = relu
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        # x: [N, H, W, C] -> [N, P, Q, K]
+        return conv_bn_act(
+            x,
+            self.weight,
+            self.bias,
+            kernel_size=self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            residual=residual,
+            relu=self.relu,
+            prologue_scale=self.prologue_scale,
+            prologue_shift=self.prologue_shift,
+        )
+
+
+class FusedBlock(nn.Module):
+    """A residual block as a chain of fused convs; the last one adds the shortcut in its epilogue."""
+
+    def __init__(self, convs: list[FusedConv], shortcut: FusedConv | None) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(convs)
+        self.shortcut = shortcut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual = x if self.shortcut is None else self.shortcut(x)
+        for conv in self.convs[:-1]:
+            x = conv(x)
+        return self.convs[-1](x, residual=residual)
+
+
+class FusedResNet(nn.Module):
+    """Forward: NCHW float32 [N, 3, H, W] -> float32 logits [N, classes]; NHWC in `dtype` inside."""
+
+    def __init__(
+        self,
+        stem: FusedConv,
+        maxpool: nn.MaxPool2d | None,
+        blocks: list[FusedBlock],
+        fc: nn.Linear,
+        dtype: torch.dtype,
+        head_bn: nn.BatchNorm2d | None = None,
+    ) -> None:
+        super().__init__()
+        self.dtype = dtype
+        self.in_channels = stem.in_channels
+        self.stem = stem
+        # (kernel_size, stride, padding) of the stem's max pool, None where the model has none (digits_resnet)
+        self.maxpool = None if maxpool is None else (maxpool.kernel_size, maxpool.stride, maxpool.padding)
+        self.blocks = nn.ModuleList(blocks)
+        self.register_buffer("fc_weight", pack_linear_weight(fc.weight.detach(), dtype))
+        self.register_buffer("fc_bias", fc.bias.detach().float().contiguous())
+        if head_bn is not None:  # ResNet v2's final BN + ReLU, applied by the head as it loads the features
+            scale, shift = bn_scale_shift(head_bn)
+            self.register_buffer("head_scale", scale.float().contiguous())
+            self.register_buffer("head_shift", shift.float().contiguous())
+        else:
+            self.head_scale = self.head_shift = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != self.in_channels:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be NCHW [N, {self.in_channels}, H, W], got {shape}")
+        if x.dtype != torch.float32:
+            raise ValueError(f"x must be float32, got {x.dtype}")
+        if x.device != self.fc_bias.device:
+            raise ValueError(f"x is on {x.device}, the model on {self.fc_bias.device}")
+        x = x.permute(0, 2, 3, 1).to(self.dtype).contiguous()  # [N, H, W, 3]
+        x = self.stem(x)
+        if self.maxpool is not None:
+            kernel_size, stride, padding = self.maxpool
+            x = max_pool2d_nhwc(x, kernel_size=kernel_size, stride=stride, padding=padding)
+        for block in self.blocks:
+            x = block(x)
+        return avgpool_linear(
+            x, self.fc_weight, self.fc_bias, prologue_scale=self.head_scale, prologue_shift=self.head_shift
+        )
+
+
+def _fuse_v1_block(block: BasicBlock | Bottleneck, dtype: torch.dtype) -> FusedBlock:
+    # conv -> BN -> ReLU for every conv but the last, whose epilogue adds the shortcut before the ReLU.
+    pairs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
+    if isinstance(block, Bottleneck):
+        pairs.append((block.conv3, block.bn3))
+    convs = [FusedConv(conv, bn, dtype, relu=True) for conv, bn in pairs]
+    shortcut = None
+    if block.downsample is not None:
+        ds_conv, ds_bn = block.downsample
+        shortcut = FusedConv(ds_conv, ds_bn, dtype, relu=False)
+    return FusedBlock(convs, shortcut)
+
+
+def _fuse_v2_block(block: PreActBasicBlock | PreActBottleneck, dtype: torch.dtype) -> FusedBlock:
+    # v2: out = conv1(relu(bn1(x))); conv2(relu(bn2(.))) ...; + shortcut, no ReLU after the add.
+    # relu(bn1(x)) is the first conv's (and the downsample's) input prologue; every later BN+ReLU follows a conv
+    # whose output feeds nothing else, so it folds into that conv's epilogue.
+    convs_and_next_bn = [(block.conv1, block.bn2)]
+    if isinstance(block, PreActBottleneck):
+        convs_and_next_bn += [(block.conv2, block.bn3), (block.conv3, None)]
+    else:
+        convs_and_next_bn.append((block.conv2, None))
+    convs = [
+        FusedConv(conv, next_bn, dtype, relu=next_bn is not None, prologue_bn=block.bn1 if i == 0 else None)
+        for i, (conv, next_bn) in enumerate(convs_and_next_bn)
+    ]
+    shortcut = None
+    if block.downsample is not None:
+        shortcut = FusedConv(block.downsample, None, dtype, relu=False, prologue_bn=block.bn1)
+    return FusedBlock(convs, shortcut)
+
+
+def fuse(model: nn.Module, dtype: torch.dtype = torch.float32) -> FusedResNet:
+    """The same function as `model` (a ResNet or PreActResNet from models.build), built on the Triton kernels.
+
+    BN is folded and weights are packed here, once. The result lives on the model's device; on a CPU it runs only
+    under TRITON_INTERPRET=1 (set before the kernels are first imported).
+    """
+    if not isinstance(model, ResNet | PreActResNet):
+        raise ValueError(f"fuse expects a ResNet or PreActResNet from models.build, got {type(model).__name__}")
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype must be one of float32, float16, bfloat16, got {dtype}")
+    if model.training:
+        raise ValueError("fuse folds BatchNorm running statistics: call model.eval() first")
+    device = model.fc.weight.device
+    if device.type != "cuda" and not interpreting():
+        raise ValueError(
+            f"the model is on {device}: fused kernels need a CUDA device, or TRITON_INTERPRET=1 set before "
+            "the first import of kernels to run them (slowly) on the CPU"
+        )
+    layers = [model.layer1, model.layer2, model.layer3, model.layer4]
+    if isinstance(model, PreActResNet):
+        blocks = [_fuse_v2_block(block, dtype) for layer in layers for block in layer]
+        head_bn = model.bn_final
+    else:
+        blocks = [_fuse_v1_block(block, dtype) for layer in layers for block in layer]
+        head_bn = None
+    stem = FusedConv(model.conv1, model.bn1, dtype, relu=True)
+    maxpool = model.maxpool if isinstance(model.maxpool, nn.MaxPool2d) else None
+    if maxpool is not None and (maxpool.ceil_mode or maxpool.dilation not in (1, (1, 1))):
+        raise ValueError("the fused max pool implements floor mode without dilation only")
+    return FusedResNet(stem, maxpool, blocks, model.fc, dtype, head_bn=head_bn).to(device).eval()

@@ -1,0 +1,69 @@
+"""The sm_90 / sm_80 compile report (`python -m kernels.report`) over every kernel module's compile_cases().
+
+The report runs as a subprocess without TRITON_INTERPRET, so it compiles real GPU code on this CPU-only machine. It
+compiles with ``--cover`` (every config and every fused variant of each kernel and dtype, not their full product):
+the full product of the conv kernel takes about ten minutes per arch on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+OUR_KERNELS = {"max_pool2d_nhwc", "avgpool_linear"}
+
+
+@pytest.fixture(scope="module", params=[90, 80], ids=lambda arch: f"sm_{arch}")
+def report(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    arch = request.param
+    path = tmp_path_factory.mktemp("report") / f"sm_{arch}.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-m", "kernels.report", "--arch", str(arch), "--cover", "--json", str(path)]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    if not path.exists():
+        pytest.fail(f"the report wrote no JSON (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return {**json.loads(path.read_text()), "returncode": proc.returncode, "stderr": proc.stderr}
+
+
+def _name(case: dict) -> str:
+    return f"{case['kernel']} {case['variant']}"
+
+
+def test_every_kernel_module_has_compile_cases(report):
+    assert report["uncovered_modules"] == []
+    assert {case["kernel"] for case in report["cases"]} >= OUR_KERNELS
+
+
+def test_every_case_compiles(report):
+    failures = [f"{_name(case)}: {case['error']}" for case in report["cases"] if case["error"] is not None]
+    assert not failures, "\n".join(failures)
+    assert report["returncode"] == 0, report["stderr"][-4000:]
+
+
+def test_no_case_spills(report):
+    spilling = [
+        f"{_name(case)}: {case['spill_store_bytes']}/{case['spill_load_bytes']} bytes stored/loaded, "
+        f"{case['spill_instructions']} LDL/STL"
+        for case in report["cases"]
+        if case["error"] is None
+        and (case["spill_store_bytes"], case["spill_load_bytes"], case["spill_instructions"]) != (0, 0, 0)
+    ]
+    assert not spilling, "\n".join(spilling)
+
+
+def test_half_precision_tensor_core_tiles_use_tensor_cores(report):
+    # wgmma (HGMMA) needs a 64-row tile on sm_90; sm_80 has only mma.sync (HMMA).
+    instruction = "hgmma" if report["arch"] == 90 else "hmma"
+    tiles = [
+        case
+        for case in report["cases"]
+        if case["error"] is None and case["dtype"] in ("float16", "bfloat16") and (case["block_m"] or 0) >= 64
+    ]
+    without = [_name(case) for case in tiles if case[instruction] == 0]
+    assert not without, f"no {instruction.upper()} in:\n" + "\n".join(without)
