@@ -10,4 +10,4 @@ fi
 # torch first and alone: on this kind of machine pip finds the pinned CPU build on disk; on a CUDA host,
 # install the CUDA build of the same version before running this (README, "On a GPU").
 .venv/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[${EXTRAS:-test}]"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".${EXTRAS:+[$EXTRAS]}"

@@ -1,0 +1,331 @@
+"""Convolution + folded BatchNorm (+ residual) (+ ReLU) as one implicit-GEMM Triton kernel on NHWC tensors.
+
+GEMM view: M = N·P·Q output pixels, N = K output channels, reduction over (r, s, c). The weight is prepacked
+once at model load to [R·S·C, K], so each reduction step reads a plain [BLOCK_K, BLOCK_N] tile of it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import conv_configs
+from kernels._common import SUPPORTED_DTYPES, TRITON_TYPE_NAMES, CompileCase, check_tensor, interpreting
+from kernels._interpreter import round_to_bfloat16
+
+# Input channel counts below this take the flattened reduction (the C = 3 stem): one BLOCK_K step per tap
+# would leave most of the tensor-core tile padding.
+_FLAT_REDUCTION_MAX_C = 16
+
+
+@triton.jit
+def _conv_bn_act_kernel(
+    x_ptr,  # input, NHWC (N, H, W, C)
+    w_ptr,  # packed weight (R*S*C, K), row (r*S + s)*C + c
+    bias_ptr,  # folded BatchNorm shift, (K,) float32
+    res_ptr,  # residual, NHWC (N, P, Q, K); read only if HAS_RESIDUAL
+    scale_ptr,  # prologue scale, (C,) float32; read only if HAS_PROLOGUE
+    shift_ptr,  # prologue shift, (C,) float32; read only if HAS_PROLOGUE
+    out_ptr,  # output, NHWC (N, P, Q, K)
+    M,  # N*P*Q
+    H,
+    W,
+    P,
+    Q,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    M_LOG2,  # autotune key only (bit length of M)
+    # Channel counts are compile-time: C bounds the reduction loop (the interpreter needs that), and a known K
+    # lets the weight, residual and output accesses vectorize. A ResNet has a handful of (C, K) pairs.
+    C: tl.constexpr,
+    K: tl.constexpr,
+    R: tl.constexpr,
+    S: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    APPLY_RELU: tl.constexpr,
+    HAS_PROLOGUE: tl.constexpr,
+    FLAT_REDUCTION: tl.constexpr,  # steps over (r*S + s)*C + c instead of taps × channel chunks (small C)
+    POINTWISE: tl.constexpr,  # R == S == 1 and no padding: every tap is inside the image
+    UPCAST_DOT: tl.constexpr,  # float32 operands for tl.dot (the interpreter's bfloat16 dot is wrong)
+    ROUND_BF16_RTNE: tl.constexpr,  # round to nearest even before bfloat16 casts (the interpreter truncates)
+    DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32", float32 operands only
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_SIZE_M: tl.constexpr,
+):
+    # GROUP_SIZE_M row-blocks share each weight column-block while it is in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(K, BLOCK_N)
+    group_id = pid // (GROUP_SIZE_M * num_pid_n)
+    first_pid_m = group_id * GROUP_SIZE_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_SIZE_M)
+    pid_m = first_pid_m + (pid % (GROUP_SIZE_M * num_pid_n)) % group_size_m
+    pid_n = (pid % (GROUP_SIZE_M * num_pid_n)) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < K
+
+    # Output pixel -> input coordinates of its (r, s) = (0, 0) tap, which may lie in the padding.
+    q = offs_m % Q
+    p = (offs_m // Q) % P
+    img = offs_m // (P * Q)
+    ih0 = p * stride_h - pad_h
+    iw0 = q * stride_w - pad_w
+    # N*H*W*C can pass 2**31 at large batch × resolution: the per-row base is int64, computed once per program;
+    # the per-step offset (r*W + s)*C + c stays int32 (the launcher checks that it fits).
+    x_rows = x_ptr + ((img.to(tl.int64) * H + ih0) * W + iw0) * C
+
+    # Taps × channel chunks run as one flat loop, so that the pipeliner overlaps loads across taps too. Within a
+    # step the tap is a scalar: its bounds test is one [BLOCK_M] vector and the load mask a row × column product,
+    # so runs of NHWC channels stay contiguous and the loads vectorize. Decomposing (r*S + s)*C + c per element
+    # instead costs a div/mod and four compares per element and defeats vectorization, but the C = 3 stem would
+    # waste 13/16 of every tile the other way, so small C takes that path. The step counts are annotated constexpr
+    # because the interpreter turns every plainly assigned value into a tensor, which range() rejects.
+    TAP_STEPS: tl.constexpr = (R * S * C + BLOCK_K - 1) // BLOCK_K if FLAT_REDUCTION else (C + BLOCK_K - 1) // BLOCK_K
+    NUM_STEPS: tl.constexpr = TAP_STEPS if FLAT_REDUCTION else R * S * TAP_STEPS
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for step in range(NUM_STEPS):
+        if FLAT_REDUCTION:
+            w_rows = step * BLOCK_K + offs_k
+            k_ok = w_rows < R * S * C
+            c = w_rows % C
+            r = w_rows // C // S
+            s = (w_rows // C) % S
+            ih = ih0[:, None] + r[None, :]
+            iw = iw0[:, None] + s[None, :]
+            inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_mask = inside & m_ok[:, None] & k_ok[None, :]
+        else:
+            tap = step // TAP_STEPS
+            c = (step % TAP_STEPS) * BLOCK_K + offs_k
+            k_ok = c < C
+            w_rows = tap * C + c
+            r = tap // S
+            s = tap % S
+            if POINTWISE:
+                row_ok = m_ok
+            else:
+                ih = ih0 + r
+                iw = iw0 + s
+                row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_mask = row_ok[:, None] & k_ok[None, :]
+        x_tile = tl.load(x_rows[:, None] + ((r * W + s) * C + c)[None, :], mask=x_mask, other=0.0)
+        if HAS_PROLOGUE:
+            scale = tl.load(scale_ptr + c, mask=k_ok, other=0.0)
+            shift = tl.load(shift_ptr + c, mask=k_ok, other=0.0)
+            act = tl.maximum(x_tile.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
+            # Padding is zero *after* the activation (relu(0*scale + shift) is not 0): re-apply the mask.
+            act = tl.where(x_mask, act, 0.0)
+            if ROUND_BF16_RTNE:
+                act = round_to_bfloat16(act)
+            x_tile = act.to(x_ptr.dtype.element_ty)
+        w_tile = tl.load(w_ptr + w_rows[:, None] * K + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST_DOT:
+            acc = tl.dot(x_tile.to(tl.float32), w_tile.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x_tile, w_tile, acc, input_precision=DOT_PRECISION)
+
+    # Epilogue on the float32 accumulator: bias, residual, ReLU, one store.
+    acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    out_offsets = offs_m.to(tl.int64)[:, None] * K + offs_n[None, :]
+    out_mask = m_ok[:, None] & n_ok[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(res_ptr + out_offsets, mask=out_mask, other=0.0).to(tl.float32)
+    if APPLY_RELU:
+        acc = tl.maximum(acc, 0.0)
+    if ROUND_BF16_RTNE:
+        acc = round_to_bfloat16(acc)
+    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@functools.cache
+def _autotuned_kernel(dtype: torch.dtype, allow_tf32: bool) -> triton.runtime.Autotuner:
+    """One autotuner per operand kind: tensor-core tiles and FMA tiles are different candidate lists."""
+    configs = conv_configs.autotune_configs(dtype, allow_tf32)
+    return triton.autotune(configs=configs, key=conv_configs.AUTOTUNE_KEY)(_conv_bn_act_kernel)
+
+
+def pack_conv_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """weight [K, C, R, S] (PyTorch conv layout) -> [R*S*C, K] contiguous in `dtype`, row (r*S + s)*C + c.
+
+    Called once at model load, never per request.
+    """
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 4 or not weight.is_floating_point():
+        raise ValueError("weight must be a floating-point tensor [K, C, R, S]")
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
+    k, c, r, s = weight.shape
+    return weight.permute(2, 3, 1, 0).reshape(r * s * c, k).to(dtype).contiguous()
+
+
+def _pair(name: str, value: int | tuple[int, int], minimum: int) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and v >= minimum for v in pair):
+        raise ValueError(f"{name} must be an int or a pair of ints >= {minimum}, got {value!r}")
+    return pair
+
+
+def _specialization(
+    c: int,
+    k: int,
+    kernel: tuple[int, int],
+    padding: tuple[int, int],
+    residual: bool,
+    relu: bool,
+    prologue: bool,
+    tf32: bool,
+) -> dict:
+    """The kernel's shape and fusion constexprs, shared by the launcher and `compile_cases`."""
+    return {
+        "C": c,
+        "K": k,
+        "R": kernel[0],
+        "S": kernel[1],
+        "HAS_RESIDUAL": residual,
+        "APPLY_RELU": relu,
+        "HAS_PROLOGUE": prologue,
+        "FLAT_REDUCTION": c < _FLAT_REDUCTION_MAX_C,
+        "POINTWISE": kernel == (1, 1) and padding == (0, 0),
+        "DOT_PRECISION": "tf32" if tf32 else "ieee",
+    }
+
+
+def conv_bn_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    kernel_size: tuple[int, int],
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    residual: torch.Tensor | None = None,
+    relu: bool = False,
+    prologue_scale: torch.Tensor | None = None,
+    prologue_shift: torch.Tensor | None = None,
+    allow_tf32: bool = False,
+) -> torch.Tensor:
+    """relu?(conv(prologue?(x), weight) + bias (+ residual)), all NHWC; returns [N, P, Q, K] in x.dtype.
+
+    x: [N, H, W, C] float32/float16/bfloat16. weight: [R*S*C, K] from `pack_conv_weight`, x's dtype.
+    bias: [K] float32. residual: [N, P, Q, K], x's dtype. prologue_scale/shift: [C] float32, both or neither;
+    the input becomes relu(x*scale + shift) as loaded (pre-activation ResNet), padding stays zero.
+    allow_tf32: float32 only, TF32 tensor cores on a GPU instead of the IEEE float32 dot.
+    """
+    x = check_tensor("x", x, ndim=4, dtypes=SUPPORTED_DTYPES)
+    n, h, w, c = x.shape
+    if c == 0:
+        raise ValueError("x has no channels (C = 0)")
+    r, s = _pair("kernel_size", kernel_size, 1)
+    stride_h, stride_w = _pair("stride", stride, 1)
+    pad_h, pad_w = _pair("padding", padding, 0)
+    p = (h + 2 * pad_h - r) // stride_h + 1
+    q = (w + 2 * pad_w - s) // stride_w + 1
+    if p <= 0 or q <= 0:
+        raise ValueError(f"output size {p}x{q} <= 0: input {h}x{w} is too small for kernel_size/padding")
+    weight = check_tensor("weight", weight, ndim=2, dtypes=(x.dtype,), device=x.device)
+    if weight.shape[0] != r * s * c:
+        raise ValueError(f"weight has {weight.shape[0]} rows, expected R*S*C = {r}*{s}*{c} = {r * s * c}")
+    k = weight.shape[1]
+    bias = check_tensor("bias", bias, dtypes=(torch.float32,), device=x.device, shape=(k,))
+    if residual is not None:
+        check_tensor("residual", residual, dtypes=(x.dtype,), device=x.device, shape=(n, p, q, k))
+    if (prologue_scale is None) != (prologue_shift is None):
+        missing = "prologue_scale" if prologue_scale is None else "prologue_shift"
+        raise ValueError(f"{missing} is missing: the prologue needs both prologue_scale and prologue_shift")
+    if prologue_scale is not None:
+        check_tensor("prologue_scale", prologue_scale, dtypes=(torch.float32,), device=x.device, shape=(c,))
+        check_tensor("prologue_shift", prologue_shift, dtypes=(torch.float32,), device=x.device, shape=(c,))
+
+    m = n * p * q
+    # The kernel keeps output rows and per-tap input offsets in int32 (only the per-row bases are int64).
+    if m >= 2**31 or (r * w + s) * c >= 2**31:
+        raise ValueError(f"x of shape {tuple(x.shape)} is too large: its row and tap offsets must fit in int32")
+
+    out = torch.empty((n, p, q, k), dtype=x.dtype, device=x.device)
+    if m == 0 or k == 0:
+        return out
+    tf32 = allow_tf32 and x.dtype == torch.float32
+    # Unused pointer slots get any tensor of the right dtype, so that every launch has one signature.
+    has_residual, has_prologue = residual is not None, prologue_scale is not None
+    residual = residual if has_residual else out
+    scale, shift = (prologue_scale, prologue_shift) if has_prologue else (bias, bias)
+    args = (x, weight, bias, residual, scale, shift, out, m, h, w, p, q, stride_h, stride_w, pad_h, pad_w)
+    specialization = _specialization(c, k, (r, s), (pad_h, pad_w), has_residual, relu, has_prologue, tf32)
+    # The interpreter's bfloat16 dot is wrong and its float32 -> bfloat16 cast truncates: both are patched in-kernel.
+    emulate = interpreting()
+    specialization |= {
+        "M_LOG2": m.bit_length(),
+        "UPCAST_DOT": emulate,
+        "ROUND_BF16_RTNE": emulate and x.dtype == torch.bfloat16,
+    }
+
+    def grid(meta: dict) -> tuple[int]:
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]),)
+
+    if interpreting():
+        reduction_step = r * s * c if specialization["FLAT_REDUCTION"] else c
+        _conv_bn_act_kernel[grid](*args, **specialization, **conv_configs.interpreter_meta(m, k, reduction_step))
+    else:
+        _autotuned_kernel(x.dtype, tf32)[grid](*args, **specialization)
+    return out
+
+
+# (name, R, C, residual, relu, prologue): what the ResNets launch. C is representative (it is compile-time, with
+# K = 2*C or 64): C = 3 takes the flat reduction, 1x1 convolutions the pointwise path.
+_RESNET_VARIANTS = (
+    ("stem 7x7 C=3 +relu", 7, 3, False, True, False),
+    ("3x3 +relu", 3, 128, False, True, False),
+    ("3x3 +residual +relu", 3, 128, True, True, False),
+    ("3x3 +residual", 3, 128, True, False, False),
+    ("3x3 prologue +relu", 3, 128, False, True, True),
+    ("1x1", 1, 256, False, False, False),
+    ("1x1 +relu", 1, 256, False, True, False),
+    ("1x1 +residual +relu", 1, 256, True, True, False),
+    ("1x1 +residual", 1, 256, True, False, False),
+    ("1x1 prologue", 1, 256, False, False, True),
+    ("1x1 prologue +relu", 1, 256, False, True, True),
+)
+# (operand dtype, TF32 dot): float32 has two kernels, IEEE on the FMA units and TF32 on the tensor cores.
+_DOT_KINDS = ((torch.float16, False), (torch.bfloat16, False), (torch.float32, False), (torch.float32, True))
+_INT_ARGS = ("M", "H", "W", "P", "Q", "stride_h", "stride_w", "pad_h", "pad_w", "M_LOG2")
+
+
+def compile_cases() -> list[CompileCase]:
+    """Every GPU specialization the ResNets launch: dtype (and dot precision) × autotune config × fused variant."""
+    cases = []
+    for dtype, allow_tf32 in _DOT_KINDS:
+        ty = TRITON_TYPE_NAMES[dtype]
+        types = dict.fromkeys(("x_ptr", "w_ptr", "res_ptr", "out_ptr"), f"*{ty}")
+        types |= dict.fromkeys(("bias_ptr", "scale_ptr", "shift_ptr"), "*fp32")
+        types |= dict.fromkeys(_INT_ARGS, "i32")
+        signature = {arg: types.get(arg, "constexpr") for arg in _conv_bn_act_kernel.arg_names}
+        for config in conv_configs.autotune_configs(dtype, allow_tf32):
+            for name, r, c, residual, relu, prologue in _RESNET_VARIANTS:
+                pad = (r // 2, r // 2)
+                constexprs = _specialization(c, max(64, 2 * c), (r, r), pad, residual, relu, prologue, allow_tf32)
+                constexprs |= {"UPCAST_DOT": False, "ROUND_BF16_RTNE": False, **config.kwargs}
+                variant = f"{ty}{' tf32' if allow_tf32 else ''} {name} {conv_configs.describe(config)}"
+                cases.append(
+                    CompileCase(
+                        kernel="conv_bn_act",
+                        variant=variant,
+                        fn=_conv_bn_act_kernel.fn,
+                        signature=signature,
+                        constexprs=constexprs,
+                        num_warps=config.num_warps,
+                        num_stages=config.num_stages,
+                        dtype=dtype,
+                        block_m=config.kwargs["BLOCK_M"],
+                    )
+                )
+    return cases

@@ -1,0 +1,63 @@
+"""Backends: one loaded model that computes batches (eager PyTorch, fused Triton kernels, or ONNX Runtime).
+
+`create_backend` is what the model manager calls; each backend module is imported only when chosen, so serving
+with eager never imports onnxruntime or the Triton kernels.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+
+from service.backends.base import (
+    BACKEND_KINDS,
+    Backend,
+    BackendUnavailableError,
+    default_device,
+    resolve_backend_kind,
+)
+
+__all__ = ["BACKEND_KINDS", "Backend", "BackendUnavailableError", "create_backend", "resolve_backend_kind"]
+
+logger = logging.getLogger(__name__)
+
+
+def create_backend(
+    kind: str,
+    model: nn.Module,
+    *,
+    input_size: int,
+    max_batch_size: int,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Backend:
+    """Load `model` (from models.build, eval mode; the backend takes ownership) into backend `kind`, warmed up.
+
+    Blocking (exports, compiles, captures CUDA graphs, runs warm-up batches): call it off the event loop.
+    `device` defaults to CUDA when available. `dtype` is the compute dtype for eager and fused (float16 and bfloat16
+    on a GPU); onnxruntime computes in float32 only. Raises BackendUnavailableError when the backend cannot run here.
+    """
+    kind = resolve_backend_kind(kind)
+    device = torch.device(device) if device is not None else default_device()
+    if max_batch_size < 1 or input_size < 1:
+        raise ValueError(f"need max_batch_size >= 1 and input_size >= 1, got {max_batch_size} and {input_size}")
+    started = time.perf_counter()
+    if kind == "eager":
+        from service.backends.eager import EagerBackend
+
+        backend: Backend = EagerBackend(model, input_size=input_size, device=device, dtype=dtype)
+    elif kind == "fused":
+        from service.backends.fused import FusedBackend
+
+        backend = FusedBackend(model, input_size=input_size, max_batch_size=max_batch_size, device=device, dtype=dtype)
+    else:
+        if dtype != torch.float32:
+            raise ValueError(f"the onnxruntime backend computes in float32 only, not {dtype}")
+        from service.backends.onnx import OnnxRuntimeBackend
+
+        backend = OnnxRuntimeBackend(model, input_size=input_size, device=device)
+    logger.info("%s backend on %s ready in %.1f s", backend.name, backend.device, time.perf_counter() - started)
+    return backend

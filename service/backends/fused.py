@@ -1,0 +1,96 @@
+"""The fused Triton ResNet (models.fuse): CUDA graphs per batch-size bucket on a GPU, the interpreter on a CPU."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from kernels._common import interpreting
+from service.backends.base import BackendUnavailableError, warm_up_batch
+
+logger = logging.getLogger(__name__)
+
+
+def batch_buckets(max_batch_size: int) -> list[int]:
+    """Powers of two below max_batch_size, then max_batch_size itself: [1, 2, 4, ..., max_batch_size]."""
+    buckets = [1 << i for i in range(max_batch_size.bit_length()) if 1 << i < max_batch_size]
+    return [*buckets, max_batch_size]
+
+
+class FusedBackend:
+    """On CUDA every bucket's forward is captured once as a CUDA graph: a batch of n rows is copied into the
+    smallest bucket >= n (rows past n keep stale, finite data: each row's logits depend on that row alone) and the
+    graph is replayed, with no Python or launch overhead per kernel. On a CPU it needs TRITON_INTERPRET=1 (set before
+    the kernels are imported) and runs un-graphed, slowly: a correctness path, not a serving one.
+    """
+
+    name = "fused"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        input_size: int,
+        max_batch_size: int,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if device.type != "cuda" and not interpreting():
+            raise BackendUnavailableError(
+                "the fused backend runs its Triton kernels on a CUDA GPU and none is available; on a CPU it runs "
+                "only under the Triton interpreter (set TRITON_INTERPRET=1 before starting: correct but very slow). "
+                "Use --backend onnxruntime or eager on this machine."
+            )
+        import models  # here, not at module import: models.fuse imports the kernels, which fixes interpret mode
+
+        self.device = device
+        self.dtype = dtype
+        self._module = models.fuse(model.eval().to(device), dtype)
+        self._graphs = None
+        if device.type == "cuda":
+            self._graphs = _GraphedBuckets(self._module, input_size, max_batch_size, device)
+        # Under the interpreter there is nothing to compile or autotune, so no warm-up: it would only cost minutes.
+
+    def run(self, batch: torch.Tensor) -> torch.Tensor:
+        """float32 [n, 3, H, W] (CPU) -> float32 logits [n, classes] (CPU)."""
+        with torch.inference_mode():
+            if self._graphs is not None:
+                return self._graphs.run(batch)
+            return self._module(batch.to(self.device, torch.float32).contiguous()).float().cpu()
+
+
+class _GraphedBuckets:
+    """One CUDA graph per batch bucket, with static input and output buffers, all in one shared memory pool."""
+
+    def __init__(self, module: nn.Module, input_size: int, max_batch_size: int, device: torch.device) -> None:
+        self.buckets = batch_buckets(max_batch_size)
+        with torch.inference_mode():
+            self._inputs = {b: warm_up_batch(b, input_size, device) for b in self.buckets}
+            # Warm-up outside capture, on a side stream as torch.cuda.graphs asks: autotuning, compilation, lazy init.
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for b in self.buckets:
+                    module(self._inputs[b])
+            torch.cuda.current_stream(device).wait_stream(side)
+            # Largest first, so the smaller graphs reuse its pool. Replays are serialized on the one executor thread,
+            # so sharing scratch memory between graphs is safe; each output is copied out before the next replay.
+            pool = torch.cuda.graph_pool_handle()
+            self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+            self._outputs: dict[int, torch.Tensor] = {}
+            for b in reversed(self.buckets):
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: other threads (other models' executors) may use CUDA while this one captures.
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                    self._outputs[b] = module(self._inputs[b])
+                self._graphs[b] = graph
+        logger.info("captured CUDA graphs for batch buckets %s", self.buckets)
+
+    def run(self, batch: torch.Tensor) -> torch.Tensor:
+        n = batch.shape[0]
+        bucket = next(b for b in self.buckets if b >= n)
+        self._inputs[bucket][:n].copy_(batch, non_blocking=True)
+        self._graphs[bucket].replay()
+        return self._outputs[bucket][:n].float().cpu()  # synchronizes with the replay

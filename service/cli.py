@@ -1,0 +1,121 @@
+"""`python -m service`: the server's command line (DESIGN.md contract 4). Every flag can also come from the
+environment as RESNET_SERVE_<FLAG> (e.g. --metrics-port: RESNET_SERVE_METRICS_PORT); a flag given wins.
+"""
+
+import argparse
+import asyncio
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from service.log import configure_logging
+from service.repository import BACKEND_KINDS, DEFAULT_REPOSITORY, RepositoryError
+from service.server import ServerSettings, ServerStartError, serve
+
+logger = logging.getLogger(__name__)
+
+ENV_PREFIX = "RESNET_SERVE_"
+_DEFAULTS = ServerSettings()
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port number (0-65535)")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # rejects NaN too
+        raise argparse.ArgumentTypeError(f"{value} is not a non-negative number")
+    return value
+
+
+def _one_of(choices: Sequence[str]):
+    """An argparse type that also checks defaults: argparse checks `choices` only on the command line, not in env."""
+
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+# (flag, type, default, help); the settings field and the environment variable follow from the flag's name.
+_FLAGS = (
+    ("--host", str, _DEFAULTS.host, "address to bind (gRPC and metrics)"),
+    ("--port", _port, _DEFAULTS.port, "gRPC port (0: any free port)"),
+    ("--metrics-port", _port, _DEFAULTS.metrics_port, "Prometheus /metrics HTTP port; 0 disables it"),
+    (
+        "--backend",
+        _one_of(BACKEND_KINDS),
+        _DEFAULTS.backend,
+        "auto, eager, fused or onnxruntime; auto: fused on CUDA, else onnxruntime",
+    ),
+    ("--model-repository", Path, DEFAULT_REPOSITORY, "model repository TOML file"),
+    ("--grace-period", _non_negative_float, _DEFAULTS.grace_period_s, "seconds in-flight requests get at shutdown"),
+    ("--max-message-bytes", _positive_int, _DEFAULTS.max_message_bytes, "largest request accepted, in bytes"),
+    ("--max-pixels", _positive_int, _DEFAULTS.max_pixels, "largest image (width x height) accepted for decoding"),
+    ("--queue-size", _positive_int, _DEFAULTS.queue_size, "requests a model's batch queue holds before refusing"),
+    ("--decode-threads", _positive_int, _DEFAULTS.decode_threads, "threads decoding images and tensors"),
+    ("--log-level", _one_of(_LOG_LEVELS), "INFO", ", ".join(_LOG_LEVELS)),
+)
+
+
+def env_name(flag: str) -> str:
+    return ENV_PREFIX + flag.removeprefix("--").replace("-", "_").upper()
+
+
+def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m service",
+        description="Serve ResNet image classification over gRPC (resnet.v1.Classifier and KServe v2).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for flag, type_, default, help_text in _FLAGS:
+        env = env_name(flag)
+        # A string default goes through `type` like a command-line value, so a bad env value is reported the same way.
+        parser.add_argument(flag, type=type_, default=environ.get(env, str(default)), help=f"{help_text} [{env}]")
+    return parser
+
+
+def parse_settings(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ
+) -> tuple[ServerSettings, str]:
+    """(settings, log level) from the command line and the environment."""
+    args = build_parser(environ).parse_args(argv)
+    settings = ServerSettings(
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        backend=args.backend,
+        model_repository=args.model_repository,
+        grace_period_s=args.grace_period,
+        max_message_bytes=args.max_message_bytes,
+        max_pixels=args.max_pixels,
+        queue_size=args.queue_size,
+        decode_threads=args.decode_threads,
+    )
+    return settings, args.log_level
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings, log_level = parse_settings(argv)
+    configure_logging(log_level)
+    try:
+        asyncio.run(serve(settings))
+    except (RepositoryError, ServerStartError) as error:
+        logger.error("cannot serve: %s", error)
+        return 1
+    return 0

@@ -1,0 +1,103 @@
+"""The model repository (DESIGN.md contract 5): a TOML file with one `[models.NAME]` table per served model.
+
+Parsing checks names, types and ranges only, so a typo stops the server at start with a clear message. Whatever
+needs files or the network (weights, label files) is left to loading, where a failure marks just that model not
+ready. Relative paths are relative to the TOML file.
+"""
+
+import re
+import tomllib
+from dataclasses import dataclass, fields
+from importlib import resources
+from pathlib import Path
+
+import models
+
+DEFAULT_REPOSITORY = Path(str(resources.files("service").joinpath("default_repository.toml")))
+BACKEND_KINDS = ("auto", "eager", "fused", "onnxruntime")
+COMPUTE_DTYPES = ("float32", "float16", "bfloat16")  # float16/bfloat16: eager or fused on a GPU
+BUILTIN_LABELS = ("imagenet",)
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+class RepositoryError(ValueError):
+    """The repository file is missing, not TOML, or describes a model wrongly."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One served model. `backend` and `max_queue_size` default to the server's flags when None."""
+
+    name: str
+    arch: str
+    weights: str = "pretrained"  # "pretrained" | "random" | absolute path of a state-dict file
+    labels: str | None = None  # "imagenet" | absolute path of a text file | None: labels are the class indices
+    input_size: int = 224
+    max_batch_size: int = 32
+    max_queue_delay_us: int = 2000
+    num_classes: int | None = None
+    seed: int = 0
+    backend: str | None = None
+    max_queue_size: int | None = None
+    dtype: str = "float32"
+
+
+_STRING_KEYS = {"arch", "weights", "labels", "backend", "dtype"}
+_INT_MINIMUMS = {
+    "input_size": 1,
+    "max_batch_size": 1,
+    "max_queue_delay_us": 0,
+    "num_classes": 1,
+    "seed": 0,
+    "max_queue_size": 1,
+}
+_KNOWN_KEYS = {f.name for f in fields(ModelConfig)} - {"name"}
+
+
+def load_repository(path: Path) -> list[ModelConfig]:
+    """The models of the repository file at `path`, in file order. Raises RepositoryError."""
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise RepositoryError(f"cannot read model repository {path}: {error}") from error
+    except tomllib.TOMLDecodeError as error:
+        raise RepositoryError(f"model repository {path} is not valid TOML: {error}") from error
+    extra = set(document) - {"models"}
+    if extra:
+        raise RepositoryError(f"{path}: unknown top-level keys {sorted(extra)}; models go in [models.NAME] tables")
+    tables = document.get("models", {})
+    if not isinstance(tables, dict) or not tables:
+        raise RepositoryError(f"{path}: no models; add at least one [models.NAME] table")
+    return [_parse_model(name, table, path.parent) for name, table in tables.items()]
+
+
+def _parse_model(name: str, table: object, base_dir: Path) -> ModelConfig:
+    where = f"[models.{name}]"
+    if not _NAME_PATTERN.fullmatch(name):
+        raise RepositoryError(f"{where}: a model name is 1-64 letters, digits, '_', '.', '-', starting alphanumeric")
+    if not isinstance(table, dict):
+        raise RepositoryError(f"{where} must be a table")
+    unknown = set(table) - _KNOWN_KEYS
+    if unknown:
+        raise RepositoryError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(_KNOWN_KEYS)}")
+    if "arch" not in table:
+        raise RepositoryError(f"{where}: 'arch' is required (one of {', '.join(models.MODEL_NAMES)})")
+    for key, value in table.items():
+        if key in _STRING_KEYS:
+            if not isinstance(value, str):
+                raise RepositoryError(f"{where}: {key} must be a string, got {value!r}")
+        elif type(value) is not int or value < _INT_MINIMUMS[key]:  # type(): TOML booleans are not sizes
+            raise RepositoryError(f"{where}: {key} must be an integer >= {_INT_MINIMUMS[key]}, got {value!r}")
+    if table["arch"] not in models.MODEL_NAMES:
+        raise RepositoryError(f"{where}: unknown arch {table['arch']!r}; known: {', '.join(models.MODEL_NAMES)}")
+    if table.get("backend", "auto") not in BACKEND_KINDS:
+        raise RepositoryError(f"{where}: backend must be one of {', '.join(BACKEND_KINDS)}")
+    if table.get("dtype", "float32") not in COMPUTE_DTYPES:
+        raise RepositoryError(f"{where}: dtype must be one of {', '.join(COMPUTE_DTYPES)}")
+
+    values = dict(table)
+    if values.get("weights", "pretrained") not in ("pretrained", "random"):
+        values["weights"] = str(base_dir / values["weights"])
+    if values.get("labels") is not None and values["labels"] not in BUILTIN_LABELS:
+        values["labels"] = str(base_dir / values["labels"])
+    return ModelConfig(name=name, **values)

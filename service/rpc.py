@@ -1,0 +1,118 @@
+"""What every RPC shares: a request id (logs and trailing metadata), metrics, and exceptions mapped to status codes.
+
+The mapping is DESIGN.md contract 6. A client's mistake always maps to a specific code; only a bug of ours yields
+INTERNAL, logged with its traceback and answered with the request id (never the exception text) so it can be found.
+"""
+
+import asyncio
+import contextvars
+import functools
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from typing import TypeVar
+
+import grpc
+
+from service.batcher import BatcherStoppedError, BatchTooLargeError, DeadlineExceededError, QueueFullError
+from service.log import request_id_var
+from service.metrics import UNKNOWN_MODEL, ServiceMetrics
+from service.model_manager import ModelNotFoundError, ModelNotReadyError
+from service.preprocess import ImageTooLargeError, InvalidImageError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+REQUEST_ID_KEY = "x-request-id"
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+class RpcError(Exception):
+    """Raised by servicers to answer with `code` and `message`."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+_STATUS_OF_ERROR: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (ModelNotReadyError, grpc.StatusCode.UNAVAILABLE),
+    (BatcherStoppedError, grpc.StatusCode.UNAVAILABLE),
+    (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ImageTooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (InvalidImageError, grpc.StatusCode.INVALID_ARGUMENT),
+    (BatchTooLargeError, grpc.StatusCode.INVALID_ARGUMENT),
+)
+
+
+class CallScope:
+    """Runs a servicer's handler for one RPC: request id, latency and code metrics, error translation."""
+
+    def __init__(self, metrics: ServiceMetrics, is_known_model: Callable[[str], bool]) -> None:
+        self._metrics = metrics
+        self._is_known_model = is_known_model
+
+    async def run(
+        self, method: str, model: str, context: grpc.aio.ServicerContext, handler: Callable[[], Awaitable[T]]
+    ) -> T:
+        """Awaits `handler()` and returns its response, or aborts the RPC with the code its exception maps to."""
+        started = time.perf_counter()
+        request_id = _request_id(context)
+        token = request_id_var.set(request_id)
+        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+        model_label = model if self._is_known_model(model) else (UNKNOWN_MODEL if model else "")
+        code = grpc.StatusCode.OK
+        try:
+            return await handler()
+        except asyncio.CancelledError:
+            # The client went away or its deadline passed; gRPC has already answered it.
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            logger.info("%s %s: %s", method, model, code.name)
+            raise
+        except Exception as error:
+            code, message = _status_of(error, method, model, request_id)
+        finally:
+            self._metrics.record_request(model_label, method, code.name, time.perf_counter() - started)
+            request_id_var.reset(token)
+        await context.abort(code, message)  # raises: the RPC ends with this status
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The RPC's deadline in time.monotonic() seconds, or None."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+async def run_blocking(executor: Executor, function: Callable[..., T], *args: object, **kwargs: object) -> T:
+    """`function(*args, **kwargs)` on `executor`, in this request's context (its log lines carry the request id)."""
+    context = contextvars.copy_context()
+    call = functools.partial(context.run, function, *args, **kwargs)
+    return await asyncio.get_running_loop().run_in_executor(executor, call)
+
+
+def _status_of(error: Exception, method: str, model: str, request_id: str) -> tuple[grpc.StatusCode, str]:
+    """The status for `error` and its message, logged: client mistakes at INFO, our bugs with their traceback."""
+    if isinstance(error, RpcError):
+        code = error.code
+    else:
+        code = next((code for error_type, code in _STATUS_OF_ERROR if isinstance(error, error_type)), None)
+    if code is None:
+        logger.exception("%s %s failed", method, model)
+        return grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})"
+    logger.info("%s %s: %s: %s", method, model, code.name, error)
+    return code, str(error)
+
+
+def _request_id(context: grpc.aio.ServicerContext) -> str:
+    """The client's x-request-id when it sent a sane one, else a fresh one."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and _CLIENT_REQUEST_ID.fullmatch(value):
+            return value
+    return uuid.uuid4().hex[:16]

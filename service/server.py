@@ -1,0 +1,157 @@
+"""The gRPC server: Classifier, KServe v2 inference, health and reflection on one port, plus /metrics over HTTP.
+
+Lifecycle: `start()` binds and answers at once while models load in the background (health NOT_SERVING until every
+model has settled and one is ready); `stop(grace)` turns health NOT_SERVING, refuses new RPCs, lets in-flight ones
+finish within `grace` seconds, then drains the batchers. `serve()` runs that between start and SIGTERM/SIGINT.
+"""
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service._proto import classifier_pb2, classifier_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
+from service.metrics import ServiceMetrics
+from service.model_manager import ModelManager
+from service.repository import DEFAULT_REPOSITORY, ModelConfig, load_repository
+from service.rpc import CallScope
+from service.servicers.classifier import ClassifierServicer
+from service.servicers.kserve import InferenceServicer
+
+logger = logging.getLogger(__name__)
+
+CLASSIFIER_SERVICE = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
+INFERENCE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+# "" is the whole server, as grpc.health.v1 defines it.
+HEALTH_SERVICES = ("", CLASSIFIER_SERVICE, INFERENCE_SERVICE)
+
+
+class ServerStartError(RuntimeError):
+    """A port could not be bound."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything the command line sets (service/cli.py)."""
+
+    host: str = "0.0.0.0"
+    port: int = 50051
+    metrics_port: int = 9100  # 0: no metrics endpoint
+    backend: str = "auto"
+    model_repository: Path = DEFAULT_REPOSITORY
+    grace_period_s: float = 10.0
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    queue_size: int = 256
+    decode_threads: int = 2
+
+
+class InferenceServer:
+    def __init__(self, settings: ServerSettings, configs: Sequence[ModelConfig]) -> None:
+        self._settings = settings
+        self.metrics = ServiceMetrics()
+        self.models = ModelManager(
+            configs,
+            default_backend=settings.backend,
+            default_queue_size=settings.queue_size,
+            metrics=self.metrics,
+            on_change=self._refresh_health,
+        )
+        self._health = health.aio.HealthServicer()
+        self._draining = False
+        self._server: grpc.aio.Server | None = None
+        self._decode_executor: ThreadPoolExecutor | None = None
+        self._close_metrics: Callable[[], None] | None = None
+
+    def is_ready(self) -> bool:
+        return not self._draining and self.models.settled and self.models.any_ready
+
+    async def start(self) -> int:
+        """Binds, starts serving and starts loading the models; returns the bound gRPC port."""
+        settings = self._settings
+        for service_name in HEALTH_SERVICES:
+            await self._health.set(service_name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._decode_executor = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        scope = CallScope(self.metrics, self.models.is_known)
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+                # Without this a second server on the same port would silently share it.
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        classifier_pb2_grpc.add_ClassifierServicer_to_server(
+            ClassifierServicer(
+                self.models,
+                scope,
+                self.metrics,
+                decode_executor=self._decode_executor,
+                max_pixels=settings.max_pixels,
+            ),
+            server,
+        )
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(
+                self.models, scope, self.metrics, tensor_executor=self._decode_executor, is_ready=self.is_ready
+            ),
+            server,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (CLASSIFIER_SERVICE, INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        try:
+            port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+            if settings.metrics_port:
+                self._close_metrics = self.metrics.serve_http(settings.host, settings.metrics_port)
+        except (RuntimeError, OSError) as error:  # grpc reports a taken port as RuntimeError, http.server as OSError
+            raise ServerStartError(f"cannot bind: {error}") from error
+        await server.start()
+        self._server = server
+        logger.info("gRPC on %s:%d", settings.host, port)
+        self.models.start_loading()
+        return port
+
+    async def stop(self, grace_s: float) -> None:
+        """Health NOT_SERVING, no new RPCs, in-flight ones finish within `grace_s` (then are cancelled)."""
+        self._draining = True
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace_s)
+        # Only now: requests still in flight during the grace period need their batchers.
+        await self.models.stop()
+        if self._decode_executor is not None:
+            self._decode_executor.shutdown(wait=False, cancel_futures=True)
+        if self._close_metrics is not None:
+            self._close_metrics()
+        logger.info("stopped")
+
+    async def _refresh_health(self) -> None:
+        ready = self.is_ready()
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service_name in HEALTH_SERVICES:
+            await self._health.set(service_name, status)
+        if self.models.settled:
+            logger.info("all models settled; server %s", "ready" if ready else "NOT ready: no model could load")
+
+
+async def serve(settings: ServerSettings) -> None:
+    """Runs the server until SIGTERM or SIGINT, then shuts it down gracefully."""
+    configs = load_repository(settings.model_repository)
+    server = InferenceServer(settings, configs)
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signal_number, stop_requested.set)
+    await server.start()
+    await stop_requested.wait()
+    logger.info("shutdown requested: finishing in-flight requests (grace %.1f s)", settings.grace_period_s)
+    await server.stop(settings.grace_period_s)

@@ -1,0 +1,1 @@
+"""Thin translation layers between the protos and the model manager's tensors."""

@@ -1,0 +1,97 @@
+"""resnet.v1.Classifier: encoded image in, top-k softmax predictions out."""
+
+from concurrent.futures import Executor
+
+import grpc
+import torch
+
+from service._proto import classifier_pb2, classifier_pb2_grpc
+from service.metrics import ServiceMetrics
+from service.model_manager import ModelManager, ServedModel
+from service.preprocess import decode_image
+from service.rpc import CallScope, RpcError, deadline_of, run_blocking
+
+DEFAULT_TOP_K = 5
+
+
+class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
+    def __init__(
+        self,
+        models: ModelManager,
+        scope: CallScope,
+        metrics: ServiceMetrics,
+        *,
+        decode_executor: Executor,
+        max_pixels: int,
+    ) -> None:
+        self._models = models
+        self._scope = scope
+        self._metrics = metrics
+        self._decode_executor = decode_executor
+        self._max_pixels = max_pixels
+
+    async def Classify(
+        self, request: classifier_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
+    ) -> classifier_pb2.ClassifyResponse:
+        return await self._scope.run("Classify", request.model, context, lambda: self._classify(request, context))
+
+    async def ListModels(
+        self, request: classifier_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> classifier_pb2.ListModelsResponse:
+        async def list_models() -> classifier_pb2.ListModelsResponse:
+            return classifier_pb2.ListModelsResponse(models=[_model_info(model) for model in self._models.models])
+
+        return await self._scope.run("ListModels", "", context, list_models)
+
+    async def _classify(
+        self, request: classifier_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
+    ) -> classifier_pb2.ClassifyResponse:
+        model = self._models.ready_model(request.model)
+        top_k = resolve_top_k(request.top_k, model.num_classes)
+        # Decoding is CPU work (and Pillow releases the GIL): a thread pool, never the event loop.
+        image = await run_blocking(
+            self._decode_executor, decode_image, request.image, model.spec, max_pixels=self._max_pixels
+        )
+        result = await model.batcher.submit(image.unsqueeze(0), deadline=deadline_of(context))
+        self._metrics.record_queue_wait(model.name, result.queue_us)
+        probabilities = torch.softmax(result.logits[0], dim=0)
+        scores, indices = probabilities.topk(top_k)
+        predictions = [
+            classifier_pb2.Prediction(index=index, label=model.labels[index], score=score)
+            for index, score in zip(indices.tolist(), scores.tolist(), strict=True)
+        ]
+        return classifier_pb2.ClassifyResponse(
+            model=model.name,
+            predictions=predictions,
+            queue_us=result.queue_us,
+            compute_us=result.compute_us,
+            batch_size=result.batch_size,
+        )
+
+
+def resolve_top_k(requested: int, num_classes: int) -> int:
+    """0 means DEFAULT_TOP_K (capped at the class count); more than the class count is the client's mistake."""
+    if requested == 0:
+        return min(DEFAULT_TOP_K, num_classes)
+    if requested > num_classes:
+        raise RpcError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"top_k {requested} is more than the model's {num_classes} classes"
+        )
+    return requested
+
+
+def _model_info(model: ServedModel) -> classifier_pb2.ModelInfo:
+    config = model.config
+    return classifier_pb2.ModelInfo(
+        name=model.name,
+        arch=config.arch,
+        ready=model.ready,
+        reason=model.reason,
+        input_size=config.input_size,
+        num_classes=model.num_classes,
+        backend=model.backend_kind,
+        dtype=model.dtype,
+        max_batch_size=config.max_batch_size,
+        max_queue_delay_us=config.max_queue_delay_us,
+        weights=config.weights,
+    )

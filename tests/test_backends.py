@@ -1,0 +1,132 @@
+"""Backends: eager, onnxruntime and fused give the same logits; fused refuses where it cannot run."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import models
+from models import digits
+from service.backends import create_backend, resolve_backend_kind
+from service.backends.fused import batch_buckets
+from service.backends.onnx import export_onnx
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def reference_logits(arch: str, x: torch.Tensor) -> torch.Tensor:
+    """The plain model, float64, no backend involved: [n, 3, S, S] -> [n, classes]."""
+    model = models.build(arch).double()
+    with torch.no_grad():
+        return model(x.double())
+
+
+def digit_batch(n: int) -> torch.Tensor:
+    """n real held-out digits through the training preprocessing: [n, 3, 32, 32]."""
+    _, test = digits.load_split()
+    return digits.preprocess_images(test.images[:n])
+
+
+def assert_same_logits(out: torch.Tensor, ref: torch.Tensor, tolerance: float) -> None:
+    assert out.shape == ref.shape and out.dtype == torch.float32 and out.device.type == "cpu"
+    error = relative_error(out, ref)
+    worst = (out.double() - ref).abs().argmax().item()
+    assert error < tolerance, f"relative error {error:.2e}; worst at flat index {worst}"
+    torch.testing.assert_close(out.argmax(1), ref.argmax(1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "arch, input_size, inputs",
+    [
+        pytest.param("resnet18", 40, lambda: torch.randn(3, 3, 40, 40), id="resnet18-40px"),
+        pytest.param("digits_resnet", 32, lambda: digit_batch(5), id="digits"),
+    ],
+)
+def test_eager_and_onnxruntime_match_the_float64_model_and_each_other(arch, input_size, inputs):
+    x = inputs()
+    ref = reference_logits(arch, x)
+    outputs = {}
+    for kind in ("eager", "onnxruntime"):
+        backend = create_backend(kind, models.build(arch), input_size=input_size, max_batch_size=8, device=CPU)
+        assert backend.name == kind and backend.device == CPU and backend.dtype == torch.float32
+        outputs[kind] = backend.run(x)
+        assert_same_logits(outputs[kind], ref, tolerance=1e-4)
+        assert_same_logits(backend.run(x[1:2]), ref[1:2], tolerance=1e-4)  # the batch axis is dynamic
+    assert_same_logits(outputs["onnxruntime"], outputs["eager"].double(), tolerance=1e-4)
+
+
+def test_onnx_export_is_deterministic():
+    assert export_onnx(models.build("digits_resnet"), 32) == export_onnx(models.build("digits_resnet"), 32)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter path is the CPU one")
+def test_fused_under_the_interpreter_predicts_like_eager():
+    assert os.environ.get("TRITON_INTERPRET") == "1"  # conftest sets it on CPU-only machines
+    x = digit_batch(2)
+    eager = create_backend("eager", models.build("digits_resnet"), input_size=32, max_batch_size=2, device=CPU)
+    fused = create_backend("fused", models.build("digits_resnet"), input_size=32, max_batch_size=2, device=CPU)
+    assert fused.name == "fused" and fused.device == CPU
+    assert_same_logits(fused.run(x), eager.run(x).double(), tolerance=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fused runs on CUDA")
+def test_fused_refuses_on_a_cpu_without_the_interpreter():
+    # A fresh process: this one has the interpreter switched on by conftest.
+    script = textwrap.dedent(
+        """
+        import models
+        from service.backends import BackendUnavailableError, create_backend
+        try:
+            create_backend("fused", models.build("digits_resnet"), input_size=32, max_batch_size=2)
+        except BackendUnavailableError as error:
+            assert isinstance(error, RuntimeError)
+            print(error)
+        else:
+            raise SystemExit("fused backend did not refuse")
+        """
+    )
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "CUDA" in done.stdout and "TRITON_INTERPRET=1" in done.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 5e-3), (torch.float16, 2e-2)])
+def test_fused_cuda_graphs_match_eager_for_every_batch_size(dtype, tolerance):
+    cuda = torch.device("cuda")
+    fused = create_backend("fused", models.build("resnet18"), input_size=64, max_batch_size=6, dtype=dtype, device=cuda)
+    x = torch.randn(6, 3, 64, 64)
+    ref = reference_logits("resnet18", x)
+    for n in (1, 3, 4, 6, 2):  # every bucket (1, 2, 4, 6), padded ones included, in no particular order
+        assert_same_logits(fused.run(x[:n]), ref[:n], tolerance)
+
+
+def test_resolve_backend_kind():
+    assert resolve_backend_kind("auto") == ("fused" if torch.cuda.is_available() else "onnxruntime")
+    assert resolve_backend_kind("eager") == "eager"
+    with pytest.raises(ValueError, match="onnxruntime"):
+        resolve_backend_kind("tensorrt")
+
+
+def test_onnxruntime_refuses_half_precision():
+    with pytest.raises(ValueError, match="float32"):
+        create_backend("onnxruntime", models.build("digits_resnet"), input_size=32, max_batch_size=2, dtype=torch.half)
+
+
+@pytest.mark.parametrize(
+    "max_batch_size, buckets", [(1, [1]), (2, [1, 2]), (8, [1, 2, 4, 8]), (24, [1, 2, 4, 8, 16, 24])]
+)
+def test_batch_buckets(max_batch_size, buckets):
+    assert batch_buckets(max_batch_size) == buckets

@@ -1,0 +1,64 @@
+"""The server's command line (contract 4): defaults, every flag from the environment, flags winning over it."""
+
+from pathlib import Path
+
+import pytest
+
+from service.cli import build_parser, env_name, parse_settings
+from service.repository import DEFAULT_REPOSITORY
+from service.server import ServerSettings
+
+
+def test_contract_defaults():
+    settings, log_level = parse_settings([], environ={})
+    assert settings == ServerSettings()
+    assert (settings.port, settings.metrics_port, settings.backend) == (50051, 9100, "auto")
+    assert settings.model_repository == DEFAULT_REPOSITORY
+    assert settings.max_message_bytes == 16 * 1024 * 1024
+    assert log_level == "INFO"
+
+
+def test_every_flag_comes_from_the_environment_and_a_flag_wins(tmp_path: Path):
+    environ = {
+        "RESNET_SERVE_HOST": "127.0.0.1",
+        "RESNET_SERVE_PORT": "6000",
+        "RESNET_SERVE_METRICS_PORT": "0",
+        "RESNET_SERVE_BACKEND": "eager",
+        "RESNET_SERVE_MODEL_REPOSITORY": str(tmp_path / "r.toml"),
+        "RESNET_SERVE_GRACE_PERIOD": "2.5",
+        "RESNET_SERVE_MAX_MESSAGE_BYTES": "1000",
+        "RESNET_SERVE_MAX_PIXELS": "77",
+        "RESNET_SERVE_QUEUE_SIZE": "9",
+        "RESNET_SERVE_DECODE_THREADS": "3",
+        "RESNET_SERVE_LOG_LEVEL": "DEBUG",
+    }
+    flags = [action.option_strings[0] for action in build_parser({})._actions if action.dest != "help"]
+    assert sorted(env_name(flag) for flag in flags) == sorted(environ)
+
+    settings, log_level = parse_settings([], environ=environ)
+    assert settings == ServerSettings(
+        host="127.0.0.1", port=6000, metrics_port=0, backend="eager", model_repository=tmp_path / "r.toml",
+        grace_period_s=2.5, max_message_bytes=1000, max_pixels=77, queue_size=9, decode_threads=3,
+    )  # fmt: skip
+    assert log_level == "DEBUG"
+
+    settings, _ = parse_settings(["--port", "7000", "--backend", "onnxruntime"], environ=environ)
+    assert (settings.port, settings.backend, settings.queue_size) == (7000, "onnxruntime", 9)
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "flag"),
+    [
+        ([], {"RESNET_SERVE_BACKEND": "tensorrt"}, "--backend"),
+        ([], {"RESNET_SERVE_PORT": "70000"}, "--port"),
+        ([], {"RESNET_SERVE_QUEUE_SIZE": "zero"}, "--queue-size"),
+        (["--grace-period", "-1"], {}, "--grace-period"),
+        (["--max-message-bytes", "0"], {}, "--max-message-bytes"),
+        (["--backend", "cuda"], {}, "--backend"),
+    ],
+)
+def test_bad_values_are_refused(argv: list[str], environ: dict[str, str], flag: str, capsys: pytest.CaptureFixture):
+    with pytest.raises(SystemExit) as raised:
+        parse_settings(argv, environ=environ)
+    assert raised.value.code == 2
+    assert f"argument {flag}:" in capsys.readouterr().err

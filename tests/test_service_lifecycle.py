@@ -1,0 +1,174 @@
+"""Overload, deadlines, shutdown and start-up of `python -m service` (a subprocess on 127.0.0.1).
+
+A deliberately slow model (resnet34 at 320x320 on eager on the CPU, one image per batch, ~70 ms each on an idle
+machine here) makes queues and in-flight work observable. The last test starts the packaged default repository offline.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from service_harness import CPU_ONLY, REPO_ROOT, ServerProcess, is_serving, start_server, write_repository
+
+import models
+from models import digits
+from service._proto import classifier_pb2, classifier_pb2_grpc, grpc_service_pb2_grpc
+from service._proto import grpc_service_pb2 as pb
+
+SLOW_SIZE = 320
+SLOW_MODEL = {
+    "arch": "resnet34", "weights": "random", "seed": 3, "input_size": SLOW_SIZE, "backend": "eager",
+    "max_batch_size": 1, "max_queue_delay_us": 0,
+}  # fmt: skip
+SLOW_QUEUE = 8
+
+
+def slow_request(seed: int) -> pb.ModelInferRequest:
+    image = np.random.default_rng(seed).standard_normal((1, 3, SLOW_SIZE, SLOW_SIZE), dtype=np.float32)
+    tensor = pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=image.shape)
+    return pb.ModelInferRequest(model_name="slow", inputs=[tensor], raw_input_contents=[image.tobytes()])
+
+
+def code_of(call: Callable[[], object]) -> grpc.StatusCode:
+    try:
+        call()
+    except grpc.RpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.005)
+
+
+@pytest.fixture(scope="module")
+def slow_server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
+    directory = tmp_path_factory.mktemp("slow")
+    repository = write_repository(directory / "models.toml", {"slow": {**SLOW_MODEL, "max_queue_size": SLOW_QUEUE}})
+    running = start_server(directory, repository=repository, env=CPU_ONLY)
+    try:
+        running.wait_until_serving()
+        yield running
+    finally:
+        assert running.stop() == 0, running.log()
+
+
+@pytest.fixture(scope="module")
+def inference(slow_server: ServerProcess) -> grpc_service_pb2_grpc.GRPCInferenceServiceStub:
+    with slow_server.channel() as channel:
+        yield grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+
+def test_full_queue_is_resource_exhausted(slow_server, inference):
+    callers = 3 * SLOW_QUEUE
+    start_together = threading.Barrier(callers)
+
+    def call(index: int) -> grpc.StatusCode:
+        start_together.wait(timeout=30)
+        return code_of(lambda: inference.ModelInfer(slow_request(index), timeout=60))
+
+    with ThreadPoolExecutor(callers) as pool:
+        codes = Counter(pool.map(call, range(callers)))
+    # One computing plus SLOW_QUEUE waiting fit; the rest are refused at once instead of queuing without bound.
+    assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+    assert codes[grpc.StatusCode.OK] >= SLOW_QUEUE + 1, codes
+    assert code_of(lambda: inference.ModelInfer(slow_request(99), timeout=60)) == grpc.StatusCode.OK
+
+
+def test_expired_deadline_is_deadline_exceeded_and_never_computed(slow_server, inference):
+    batches_before = slow_server.metric("resnet_batch_size_count", model="slow")
+    expired_before = slow_server.metric("resnet_requests_total", model="slow", code="DEADLINE_EXCEEDED")
+    occupying = SLOW_QUEUE
+    with ThreadPoolExecutor(occupying) as pool:
+        occupants = [pool.submit(inference.ModelInfer, slow_request(i), timeout=60) for i in range(occupying)]
+        # One computing and the others queued (one slot left): whatever comes next waits for several whole batches,
+        # far longer than its deadline (long enough, though, for the server to receive it before it expires).
+        wait_for(lambda: slow_server.metric("resnet_queue_depth", model="slow") == occupying - 1, 30, "queued requests")
+        with pytest.raises(grpc.RpcError) as raised:
+            inference.ModelInfer(slow_request(7), timeout=0.2)
+        assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert all(len(occupant.result().raw_output_contents) == 1 for occupant in occupants)
+    wait_for(
+        lambda: slow_server.metric("resnet_requests_total", model="slow", code="DEADLINE_EXCEEDED") > expired_before,
+        10,
+        "the server to count the expired request",
+    )
+    assert slow_server.metric("resnet_batch_size_count", model="slow") == batches_before + occupying
+
+
+def test_sigterm_under_load_finishes_in_flight_requests_and_exits_0(tmp_path: Path):
+    repository = write_repository(tmp_path / "models.toml", {"slow": SLOW_MODEL})
+    server = start_server(tmp_path, "--grace-period", "60", repository=repository, env=CPU_ONLY)
+    try:
+        server.wait_until_serving()
+        callers = 8
+        with server.channel() as channel, ThreadPoolExecutor(callers) as pool:
+            inference = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            in_flight = [
+                pool.submit(inference.ModelInfer, slow_request(index), timeout=120) for index in range(callers)
+            ]
+
+            def all_received() -> bool:
+                # With a request computing, queued + computed + 1 counts every request the server has received.
+                queued = server.metric("resnet_queue_depth", model="slow")
+                return queued >= 1 and queued + server.metric("resnet_batch_size_count", model="slow") >= callers - 1
+
+            wait_for(all_received, 30, "every request to be queued")
+            server.process.send_signal(subprocess.signal.SIGTERM)
+
+            wait_for(lambda: not is_serving(channel), 10, "health to leave SERVING")
+            assert code_of(lambda: inference.ModelInfer(slow_request(99), timeout=10)) == grpc.StatusCode.UNAVAILABLE
+            answers = [future.result() for future in in_flight]
+        assert all(list(answer.outputs[0].shape) == [1, 1000] for answer in answers)
+        assert server.process.wait(timeout=60) == 0, server.log()
+        assert "shutdown requested" in server.log()
+    finally:
+        server.stop()
+
+
+def test_default_repository_offline_serves_digits_and_lists_resnet50_not_ready(tmp_path: Path):
+    # An empty torch hub cache and an unreachable proxy: resnet50's checkpoint can be neither found nor downloaded.
+    offline = {
+        "TORCH_HOME": str(tmp_path / "torch"),
+        "https_proxy": "http://127.0.0.1:9",
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+    }
+    server = start_server(tmp_path, env={**offline, **CPU_ONLY})  # CPU: "auto" means onnxruntime
+    try:
+        server.wait_until_serving()
+        with server.channel() as channel:
+            listed = classifier_pb2_grpc.ClassifierStub(channel).ListModels(classifier_pb2.ListModelsRequest())
+        models_by_name = {info.name: info for info in listed.models}
+        assert models_by_name["digits_resnet"].ready and models_by_name["digits_resnet"].backend == "onnxruntime"
+        assert not models_by_name["resnet50"].ready
+        assert "WeightsUnavailableError" in models_by_name["resnet50"].reason, models_by_name["resnet50"].reason
+
+        image = digits.load_split()[1].images[11]
+        (tmp_path / "digit.png").write_bytes(digits.to_png(image))
+        with torch.inference_mode():
+            expected = int(models.build("digits_resnet", "pretrained")(digits.preprocess_images(image[None])).argmax())
+        completed = subprocess.run(
+            [sys.executable, "-m", "service.client", str(tmp_path / "digit.png"), "--model", "digits_resnet",
+             "--top-k", "2", "--address", server.address],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert completed.returncode == 0, completed.stderr
+        first_prediction = completed.stdout.splitlines()[1].split()
+        assert first_prediction[1:] == [str(expected), f"({expected})"], completed.stdout
+    finally:
+        assert server.stop() == 0, server.log()

@@ -1,0 +1,115 @@
+"""Parsing the model repository TOML (contract 5), the packaged default repository, and class labels."""
+
+from pathlib import Path
+
+import pytest
+
+from service.labels import load_labels
+from service.repository import DEFAULT_REPOSITORY, ModelConfig, RepositoryError, load_repository
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "repo" / "models.toml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_contract_example_and_defaults(tmp_path: Path):
+    path = _write(
+        tmp_path,
+        """
+        [models.resnet50]
+        arch = "resnet50"
+        weights = "pretrained"
+        labels = "imagenet"
+        input_size = 224
+        max_batch_size = 32
+        max_queue_delay_us = 2000
+
+        [models.small]
+        arch = "resnet18"
+        weights = "weights/small.pt"
+        labels = "small_labels.txt"
+        input_size = 40
+        num_classes = 7
+        seed = 3
+        backend = "eager"
+        max_queue_size = 5
+        dtype = "float16"
+        """,
+    )
+    resnet50, small = load_repository(path)
+    assert resnet50 == ModelConfig(
+        name="resnet50", arch="resnet50", weights="pretrained", labels="imagenet", input_size=224,
+        max_batch_size=32, max_queue_delay_us=2000,
+    )  # fmt: skip
+    assert resnet50.backend is None and resnet50.max_queue_size is None  # the server's flags decide
+    # Relative paths are relative to the repository file, not to the working directory.
+    assert small.weights == str(path.parent / "weights" / "small.pt")
+    assert small.labels == str(path.parent / "small_labels.txt")
+    assert (small.input_size, small.num_classes, small.seed, small.backend, small.max_queue_size, small.dtype) == (
+        40, 7, 3, "eager", 5, "float16",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ('weights = "random"', "'arch' is required"),
+        ('arch = "resnet19"', "unknown arch 'resnet19'"),
+        ('arch = "resnet18"\nbatch_size = 4', "unknown keys ['batch_size']"),
+        ('arch = "resnet18"\nmax_batch_size = 0', "max_batch_size must be an integer >= 1"),
+        ('arch = "resnet18"\nmax_batch_size = true', "max_batch_size must be an integer >= 1"),
+        ('arch = "resnet18"\ninput_size = "224"', "input_size must be an integer >= 1"),
+        ('arch = "resnet18"\nmax_queue_delay_us = -1', "max_queue_delay_us must be an integer >= 0"),
+        ('arch = "resnet18"\nmax_queue_size = 0', "max_queue_size must be an integer >= 1"),
+        ('arch = "resnet18"\nweights = 3', "weights must be a string"),
+        ('arch = "resnet18"\nbackend = "tensorrt"', "backend must be one of"),
+        ('arch = "resnet18"\ndtype = "int8"', "dtype must be one of"),
+    ],
+)
+def test_bad_model_tables_are_refused_with_the_reason(tmp_path: Path, table: str, message: str):
+    path = _write(tmp_path, f"[models.m]\n{table}\n")
+    with pytest.raises(RepositoryError, match=r"\[models\.m\]") as raised:
+        load_repository(path)
+    assert message in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "no models"),
+        ("[models]\n", "no models"),
+        ('[model.x]\narch = "resnet18"\n', "unknown top-level keys ['model']"),
+        ('[models."bad name"]\narch = "resnet18"\n', "a model name is"),
+        ("[models.x\n", "not valid TOML"),
+    ],
+)
+def test_bad_repository_files_are_refused(tmp_path: Path, text: str, message: str):
+    with pytest.raises(RepositoryError) as raised:
+        load_repository(_write(tmp_path, text))
+    assert message in str(raised.value)
+
+
+def test_missing_repository_file(tmp_path: Path):
+    with pytest.raises(RepositoryError, match="cannot read"):
+        load_repository(tmp_path / "absent.toml")
+
+
+def test_default_repository_serves_digits_and_resnet50():
+    configs = {config.name: config for config in load_repository(DEFAULT_REPOSITORY)}
+    assert set(configs) == {"digits_resnet", "resnet50"}
+    assert configs["digits_resnet"].weights == "pretrained" and configs["digits_resnet"].input_size == 32
+    assert configs["resnet50"].weights == "pretrained" and configs["resnet50"].labels == "imagenet"
+
+
+def test_labels_from_imagenet_a_file_or_indices(tmp_path: Path):
+    imagenet = load_labels("imagenet", 1000)
+    assert len(imagenet) == 1000 and imagenet[0] == "tench" and len(set(imagenet)) > 990
+    path = tmp_path / "labels.txt"
+    path.write_text("cat\ndog\nbird\n")
+    assert load_labels(str(path), 3) == ["cat", "dog", "bird"]
+    with pytest.raises(ValueError, match="has 3 lines but the model has 4 classes"):
+        load_labels(str(path), 4)
+    assert load_labels(None, 3) == ["0", "1", "2"]
