@@ -6,6 +6,7 @@ fails the test with its log.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -13,7 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,3 +130,14 @@ def start_server(
             [*command, *args], cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=environment
         )
     return ServerProcess(process, port, metrics_port, log_path)
+
+
+@contextlib.contextmanager
+def serving(log_dir: Path, *args: str, **kwargs: object) -> Iterator[ServerProcess]:
+    """`start_server(...)`, waited for until SERVING; on exit it must stop cleanly (exit 0)."""
+    server = start_server(log_dir, *args, **kwargs)
+    try:
+        server.wait_until_serving()
+        yield server
+    finally:
+        assert server.stop() == 0, server.log()

@@ -23,7 +23,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from PIL import Image
-from service_harness import CPU_ONLY, REPO_ROOT, ServerProcess, start_server, write_repository
+from service_harness import CPU_ONLY, REPO_ROOT, ServerProcess, serving, write_repository
 
 import models
 from models import digits
@@ -52,14 +52,9 @@ READY_MODELS = ("digits_eager", "digits_onnx", "resnet18_small")
 def server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
     directory = tmp_path_factory.mktemp("api")
     repository = write_repository(directory / "models.toml", REPOSITORY)
-    running = start_server(
-        directory, "--max-message-bytes", str(MAX_MESSAGE_BYTES), repository=repository, env=CPU_ONLY
-    )
-    try:
-        running.wait_until_serving()
+    limit = ("--max-message-bytes", str(MAX_MESSAGE_BYTES))
+    with serving(directory, *limit, repository=repository, env=CPU_ONLY) as running:
         yield running
-    finally:
-        assert running.stop() == 0, running.log()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from service_harness import is_serving, start_server, write_repository
+from service_harness import is_serving, serving, start_server, write_repository
 
 import models
 from models import digits
@@ -26,14 +26,12 @@ DIGITS_FUSED = {
 def test_fused_backend_matches_eager(tmp_path: Path):
     repository = write_repository(tmp_path / "models.toml", {"digits_fused": DIGITS_FUSED})
     on_gpu = torch.cuda.is_available()
-    server = start_server(
+    with serving(
         tmp_path,
         repository=repository,
         env=None if on_gpu else {"TRITON_INTERPRET": "1"},
         unset_env=("TRITON_INTERPRET",) if on_gpu else (),
-    )
-    try:
-        server.wait_until_serving()
+    ) as server:
         images = digits.load_split()[1].images[20:22]
         start_together = threading.Barrier(len(images))
         with server.channel() as channel:
@@ -56,8 +54,6 @@ def test_fused_backend_matches_eager(tmp_path: Path):
             scores = np.array([prediction.score for prediction in response.predictions])
             # 5e-3: the GPU may compute float32 convolutions in TF32 (DESIGN.md, numerics).
             np.testing.assert_allclose(scores, probabilities[indices].numpy(), rtol=5e-3, atol=1e-5)
-    finally:
-        assert server.stop() == 0, server.log()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the fused backend loads")

@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from service_harness import CPU_ONLY, REPO_ROOT, ServerProcess, is_serving, start_server, write_repository
+from service_harness import CPU_ONLY, REPO_ROOT, ServerProcess, is_serving, serving, start_server, write_repository
 
 import models
 from models import digits
@@ -60,12 +60,8 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None
 def slow_server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
     directory = tmp_path_factory.mktemp("slow")
     repository = write_repository(directory / "models.toml", {"slow": {**SLOW_MODEL, "max_queue_size": SLOW_QUEUE}})
-    running = start_server(directory, repository=repository, env=CPU_ONLY)
-    try:
-        running.wait_until_serving()
+    with serving(directory, repository=repository, env=CPU_ONLY) as running:
         yield running
-    finally:
-        assert running.stop() == 0, running.log()
 
 
 @pytest.fixture(scope="module")
@@ -148,9 +144,7 @@ def test_default_repository_offline_serves_digits_and_lists_resnet50_not_ready(t
         "https_proxy": "http://127.0.0.1:9",
         "HTTPS_PROXY": "http://127.0.0.1:9",
     }
-    server = start_server(tmp_path, env={**offline, **CPU_ONLY})  # CPU: "auto" means onnxruntime
-    try:
-        server.wait_until_serving()
+    with serving(tmp_path, env={**offline, **CPU_ONLY}) as server:  # CPU: "auto" means onnxruntime
         with server.channel() as channel:
             listed = classifier_pb2_grpc.ClassifierStub(channel).ListModels(classifier_pb2.ListModelsRequest())
         models_by_name = {info.name: info for info in listed.models}
@@ -170,5 +164,3 @@ def test_default_repository_offline_serves_digits_and_lists_resnet50_not_ready(t
         assert completed.returncode == 0, completed.stderr
         first_prediction = completed.stdout.splitlines()[1].split()
         assert first_prediction[1:] == [str(expected), f"({expected})"], completed.stdout
-    finally:
-        assert server.stop() == 0, server.log()
