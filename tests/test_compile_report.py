@@ -1,8 +1,7 @@
 """The sm_90 / sm_80 compile report (`python -m kernels.report`) over every kernel module's compile_cases().
 
-The report runs as a subprocess without TRITON_INTERPRET, so it compiles real GPU code on this CPU-only machine. It
-compiles with ``--cover`` (every config and every fused variant of each kernel and dtype, not their full product):
-the full product of the conv kernel takes about ten minutes per arch on two cores.
+The report runs as a subprocess without TRITON_INTERPRET, so it compiles real GPU code on this CPU-only machine.
+Every case, the full product of configs, dtypes and fused variants: about 170 s of compile time per arch here.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-OUR_KERNELS = {"max_pool2d_nhwc", "avgpool_linear"}
+EXPECTED_KERNELS = {"conv_bn_act", "max_pool2d_nhwc", "avgpool_linear"}
 
 
 @pytest.fixture(scope="module", params=[90, 80], ids=lambda arch: f"sm_{arch}")
@@ -24,7 +23,7 @@ def report(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     arch = request.param
     path = tmp_path_factory.mktemp("report") / f"sm_{arch}.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    command = [sys.executable, "-m", "kernels.report", "--arch", str(arch), "--cover", "--json", str(path)]
+    command = [sys.executable, "-m", "kernels.report", "--arch", str(arch), "--json", str(path)]
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if not path.exists():
         pytest.fail(f"the report wrote no JSON (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -37,7 +36,7 @@ def _name(case: dict) -> str:
 
 def test_every_kernel_module_has_compile_cases(report):
     assert report["uncovered_modules"] == []
-    assert {case["kernel"] for case in report["cases"]} >= OUR_KERNELS
+    assert {case["kernel"] for case in report["cases"]} >= EXPECTED_KERNELS
 
 
 def test_every_case_compiles(report):
