@@ -1,0 +1,140 @@
+"""`python -m loadtest`: sweep concurrency against one server per backend, with Locust headless, and report.
+
+Writes into --out: Locust's CSVs and log per step (`<backend>_u<users>_*`), each started server's log,
+summary.json (RPS, p50/p90/p95/p99 ms, failures and mean batch size per step) and summary.png. Exits 1 when any
+step fails (a failed request, Locust's non-zero exit) or a server does not start, serve or stop cleanly.
+"""
+
+import argparse
+import datetime
+import importlib.metadata
+import logging
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from loadtest import server
+from loadtest.report import plot, write_summary
+from loadtest.step import StepResult, StepSettings, run_step
+from service.repository import DEFAULT_REPOSITORY
+
+logger = logging.getLogger("loadtest")
+
+
+def _csv_list(item_type):
+    def parse(text: str) -> list:
+        return [item_type(item) for item in text.split(",") if item]
+
+    return parse
+
+
+def default_backends() -> list[str]:
+    import torch  # here: a --host run never needs it
+
+    return ["eager", "onnxruntime", *(["fused"] if torch.cuda.is_available() else [])]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest",
+        description="Load-test the ResNet gRPC service with Locust over a range of concurrency, per backend.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--host", help="HOST:PORT of a running server to load instead of starting one per backend")
+    parser.add_argument("--metrics-url", help="with --host: the server's /metrics URL, for the mean batch size")
+    parser.add_argument("--backends", type=_csv_list(str), help="servers to start; default eager,onnxruntime(,fused)")
+    parser.add_argument("--model", default="digits_resnet", help="served model to call")
+    parser.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY, help="where --model is defined")
+    parser.add_argument("--users", type=_csv_list(int), default=[1, 4, 16, 64], help="concurrency steps")
+    parser.add_argument("--duration", type=int, default=20, help="seconds of load per step")
+    parser.add_argument("--user-classes", type=_csv_list(str), default=["ClassifyUser"],
+                        help="locustfile users: ClassifyUser, ModelInferUser")  # fmt: skip
+    parser.add_argument("--image-dir", default="", help="JPEG/PNG files for Classify; default: the digits PNGs")
+    parser.add_argument("--out", type=Path, default=Path("loadtest-report"), help="folder for CSVs, JSON and PNG")
+    return parser
+
+
+def _sweep(target: server.Target, backend: str, args: argparse.Namespace) -> list[StepResult]:
+    settings = StepSettings(args.model, args.duration, tuple(args.user_classes), args.image_dir)
+    results = []
+    for users in args.users:
+        logger.info("%s: %d users for %d s", backend, users, args.duration)
+        result = run_step(target, backend, users, settings, args.out)
+        logger.info(
+            "%s, %d users: %d requests, %d failed, %.1f req/s, p50 %s ms, p99 %s ms, mean batch %s",
+            backend, users, result.requests, result.failures, result.rps, result.p50_ms, result.p99_ms,
+            "n/a" if result.mean_batch_size is None else f"{result.mean_batch_size:.2f}",
+        )  # fmt: skip
+        results.append(result)
+    return results
+
+
+def _run_backend(backend: str | None, args: argparse.Namespace) -> list[StepResult]:
+    """Starts the server for `backend` (or uses --host when it is None), sweeps, stops it; ServerError on trouble."""
+    if backend is None:
+        target = server.Target(args.host, args.metrics_url)
+    else:
+        repository = server.write_single_model_repository(
+            args.model_repository, args.model, args.out / f"repository-{backend}.toml"
+        )
+        target = server.start(backend, repository, args.out / f"server-{backend}.log")
+    try:
+        served_backend = server.wait_ready(target, args.model)
+        logger.info("%s serves %s on %s", target.address, args.model, served_backend)
+        return _sweep(target, served_backend, args)
+    finally:
+        server.stop(target)
+
+
+def _cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()
+
+
+def _run_info(args: argparse.Namespace, backends: Sequence[str | None]) -> dict[str, object]:
+    return {
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "model": args.model,
+        "backends": [backend or args.host for backend in backends],
+        "user_classes": args.user_classes,
+        "duration_s": args.duration,
+        "machine": f"{_cpu_name()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
+        # Server and Locust share the CPUs (and with whatever else runs): a high load makes the figures noisy.
+        "load_average_at_start": os.getloadavg()[0],
+        "locust": importlib.metadata.version("locust"),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    backends = [None] if args.host else (args.backends or default_backends())
+    run_info = _run_info(args, backends)
+    steps: list[StepResult] = []
+    failed = False
+    for backend in backends:
+        try:
+            steps += _run_backend(backend, args)
+        except (server.ServerError, subprocess.TimeoutExpired, OSError, ValueError) as error:
+            logger.error("%s: %s", backend or args.host, error)
+            failed = True
+    failed |= any(step.failures or step.locust_exit_code for step in steps)
+    summary = write_summary(args.out / "summary.json", steps, run_info)
+    logger.info("wrote %s", summary)
+    if steps:
+        logger.info("wrote %s", plot(args.out / "summary.png", steps, f"{args.model}: {', '.join(args.user_classes)}"))
+    if failed:
+        logger.error("load test FAILED (see the errors above)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

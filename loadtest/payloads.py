@@ -1,0 +1,34 @@
+"""What the Locust users send: encoded images for Classify and random tensors for KServe ModelInfer."""
+
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def digits_pngs() -> list[bytes]:
+    """PNG bytes of the digits held-out split (360 real 8x8 scans), the images digits_resnet was measured on."""
+    # Imported here: models.digits needs scikit-learn (a test dependency), which --image-dir runs do without.
+    from models.digits import load_split, to_png
+
+    _, test = load_split()
+    return [to_png(image) for image in test.images]
+
+
+def folder_images(folder: Path) -> list[bytes]:
+    """The bytes of every JPEG/PNG file directly in `folder` (sorted by name); ValueError when there is none."""
+    paths = sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise ValueError(f"no {'/'.join(IMAGE_SUFFIXES)} files in {folder}")
+    return [path.read_bytes() for path in paths]
+
+
+def images(image_dir: str) -> list[bytes]:
+    """The images of `image_dir`, or the digits held-out PNGs when it is empty."""
+    return folder_images(Path(image_dir)) if image_dir else digits_pngs()
+
+
+def random_tensor(shape: tuple[int, ...], rng: np.random.Generator) -> bytes:
+    """Little-endian float32 bytes of a standard-normal tensor of `shape` (e.g. [N, 3, S, S]), as raw_input_contents."""
+    return rng.standard_normal(shape, dtype=np.float32).astype("<f4").tobytes()

@@ -1,0 +1,120 @@
+"""The server a sweep measures: `python -m service` started on free 127.0.0.1 ports (or one already running), its
+readiness, and the batch-size histogram it exports on /metrics."""
+
+import json
+import logging
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from service._proto import classifier_pb2, classifier_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 300.0
+STOP_TIMEOUT_S = 60.0
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+@dataclass
+class Target:
+    """A server to load: its gRPC address and, when known, its /metrics URL."""
+
+    address: str
+    metrics_url: str | None = None
+    process: subprocess.Popen | None = None  # set when this run started it
+    log_path: Path | None = None
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def write_single_model_repository(source: Path, model: str, destination: Path) -> Path:
+    """A copy of repository `source` serving only `model`, so that the server loads nothing the sweep doesn't call."""
+    with source.open("rb") as file:
+        table = tomllib.load(file).get("models", {}).get(model)
+    if table is None:
+        raise ServerError(f"model {model!r} is not in the repository {source}")
+    relative_base = source.parent.resolve()
+    lines = [f"[models.{model}]"]
+    for key, value in table.items():
+        if key in ("weights", "labels") and (relative_base / str(value)).is_file():
+            value = str(relative_base / str(value))  # paths in the repository are relative to its own folder
+        lines.append(f"{key} = {json.dumps(value)}")  # a JSON scalar is a TOML scalar: strings, integers, booleans
+    destination.write_text("\n".join(lines) + "\n")
+    return destination
+
+
+def start(backend: str, repository: Path, log_path: Path) -> Target:
+    """`python -m service --backend BACKEND` on free ports, its output in `log_path`; call wait_ready next."""
+    port, metrics_port = free_port(), free_port()
+    command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--metrics-port", str(metrics_port), "--backend", backend, "--model-repository", str(repository)]
+    logger.info("starting %s", " ".join(command))
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    return Target(f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", process, log_path)
+
+
+def wait_ready(target: Target, model: str, timeout_s: float = READY_TIMEOUT_S) -> str:
+    """Waits until KServe ModelReady says `model` serves; returns the backend ListModels names for it."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target.address) as channel:
+        inference = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        while time.monotonic() < deadline:
+            if target.process is not None and target.process.poll() is not None:
+                raise ServerError(f"server exited with {target.process.returncode}; its log: {target.log_path}")
+            try:
+                if inference.ModelReady(grpc_service_pb2.ModelReadyRequest(name=model), timeout=2).ready:
+                    models = classifier_pb2_grpc.ClassifierStub(channel).ListModels(
+                        classifier_pb2.ListModelsRequest(), timeout=10
+                    )
+                    return next(info.backend for info in models.models if info.name == model)
+            except grpc.RpcError:
+                pass  # not listening yet, or the model is still loading
+            time.sleep(0.2)
+    raise ServerError(f"model {model!r} not ready at {target.address} after {timeout_s} s")
+
+
+def stop(target: Target) -> None:
+    """SIGTERM to a server this run started; ServerError when it does not exit cleanly."""
+    if target.process is None:
+        return
+    target.process.send_signal(signal.SIGTERM)
+    try:
+        code = target.process.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        target.process.kill()
+        target.process.wait()
+        raise ServerError(f"server ignored SIGTERM for {STOP_TIMEOUT_S} s; its log: {target.log_path}") from None
+    if code != 0:
+        raise ServerError(f"server exited with {code}; its log: {target.log_path}")
+
+
+def batch_size_totals(target: Target, model: str) -> tuple[float, float] | None:
+    """(sum, count) of the `resnet_batch_size` histogram for `model`; None without a /metrics URL."""
+    if target.metrics_url is None:
+        return None
+    with urllib.request.urlopen(target.metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    totals = {"resnet_batch_size_sum": 0.0, "resnet_batch_size_count": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in totals and sample.labels.get("model") == model:
+                totals[sample.name] += sample.value
+    return totals["resnet_batch_size_sum"], totals["resnet_batch_size_count"]
