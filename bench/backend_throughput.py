@@ -11,24 +11,21 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import logging
 import os
-import platform
 import statistics
-import time
-from pathlib import Path
 
 import numpy as np
-import onnxruntime
 import torch
 
 import models
+from bench.common import RESULTS, machine, time_cpu
 from service.backends import create_backend
 from service.backends.base import Backend
 from service.backends.eager import EagerBackend
 
-RESULTS = Path(__file__).resolve().parent / "results"
 ARCH = "resnet18"
 
 logger = logging.getLogger("bench.backend_throughput")
@@ -39,17 +36,6 @@ def load(variant: str, input_size: int, batch: int, device: torch.device) -> Bac
     if variant == "eager-nchw":
         return EagerBackend(model, input_size=input_size, device=device, channels_last=False)
     return create_backend(variant, model, input_size=input_size, max_batch_size=batch, device=device)
-
-
-def time_runs(backend: Backend, x: torch.Tensor, warmup: int, reps: int) -> list[float]:
-    for _ in range(warmup):
-        backend.run(x)
-    seconds = []
-    for _ in range(reps):
-        started = time.perf_counter()
-        backend.run(x)
-        seconds.append(time.perf_counter() - started)
-    return seconds
 
 
 def summarize(variant: str, backend: Backend, seconds: list[float], batch: int, input_size: int) -> dict:
@@ -68,23 +54,6 @@ def summarize(variant: str, backend: Backend, seconds: list[float], batch: int, 
         "max_ms": max(seconds) * 1e3,
         "stdev_ms": statistics.stdev(seconds) * 1e3 if len(seconds) > 1 else 0.0,
         "images_per_s_median": batch / p50,
-    }
-
-
-def machine() -> dict:
-    cpu_names = [
-        line.split(":", 1)[1].strip()
-        for line in Path("/proc/cpuinfo").read_text().splitlines()
-        if line.startswith("model name")
-    ]
-    return {
-        "host": platform.node(),
-        "cpu": cpu_names[0] if cpu_names else platform.processor(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "torch_threads": torch.get_num_threads(),
     }
 
 
@@ -107,9 +76,8 @@ def main() -> None:
     results = []
     for variant in variants:
         backend = load(variant, args.input_size, args.batch, device)
-        results.append(
-            summarize(variant, backend, time_runs(backend, x, args.warmup, args.reps), args.batch, args.input_size)
-        )
+        seconds = time_cpu(functools.partial(backend.run, x), args.warmup, args.reps)
+        results.append(summarize(variant, backend, seconds, args.batch, args.input_size))
         row = results[-1]
         logger.info(
             "%-12s median %8.1f ms  [p20 %8.1f, p80 %8.1f]  %7.1f images/s",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import io
 import json
 import logging
@@ -32,7 +33,8 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from bench.backend_throughput import ARCH, RESULTS, load, machine, summarize, time_runs
+from bench.backend_throughput import ARCH, load, summarize
+from bench.common import RESULTS, machine, time_cpu
 from service._proto import classifier_pb2, classifier_pb2_grpc
 from service.backends import resolve_backend_kind
 
@@ -44,7 +46,7 @@ def backend_alone(kind: str, batch: int, reps: int) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backend = load(kind, INPUT_SIZE, batch, device)
     x = torch.randn(batch, 3, INPUT_SIZE, INPUT_SIZE)
-    return summarize(kind, backend, time_runs(backend, x, warmup=2, reps=reps), batch, INPUT_SIZE)
+    return summarize(kind, backend, time_cpu(functools.partial(backend.run, x), warmup=2, reps=reps), batch, INPUT_SIZE)
 
 
 def photo_like_jpeg(seed: int = 0) -> bytes:

@@ -1,0 +1,188 @@
+"""Helpers the benchmark scripts share: timing with quantiles, the machine's description, and result files.
+
+A result is written as `<stem>.json` (everything) and `<stem>.md` (a table of the rows), where the stem names the
+question, the device and the UTC time, so results from different cards and days sit side by side in bench/results/.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import platform
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+QUANTILES = (0.5, 0.2, 0.8)  # median, p20, p80: the order triton.testing.do_bench returns them in
+
+logger = logging.getLogger(__name__)
+
+
+class Skipped(Exception):
+    """A benchmark row that cannot run here; the message is the row's reason."""
+
+
+def kernels_run_on(device: torch.device) -> bool:
+    """Whether our Triton kernels run on `device`: a GPU, or a CPU under the (slow) interpreter."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
+    """‖out − reference‖ / ‖reference‖, computed in float32."""
+    reference = reference.float()
+    return float(torch.linalg.vector_norm(out.float() - reference) / torch.linalg.vector_norm(reference))
+
+
+def time_cpu(fn: Callable[[], object], warmup: int, reps: int, budget_s: float | None = None) -> list[float]:
+    """Seconds of each of up to `reps` calls of `fn` after `warmup` calls; stops early once `budget_s` is spent
+    (always at least one timed call)."""
+    for _ in range(warmup):
+        fn()
+    seconds: list[float] = []
+    deadline = None if budget_s is None else time.perf_counter() + budget_s
+    while len(seconds) < reps and (deadline is None or not seconds or time.perf_counter() < deadline):
+        started = time.perf_counter()
+        fn()
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def quantiles_ms(seconds: Sequence[float]) -> tuple[float, float, float]:
+    """(median, p20, p80) in milliseconds."""
+    return tuple(float(np.quantile(seconds, q)) * 1e3 for q in QUANTILES)
+
+
+def bench_ms(fn: Callable[[], object], device: torch.device, cpu_reps: int = 20, cpu_budget_s: float = 5.0) -> dict:
+    """{"median_ms", "p20_ms", "p80_ms", "reps"} of `fn`: triton's do_bench on a GPU (it flushes L2 and syncs),
+    a perf_counter loop on a CPU (three warm-up calls: oneDNN picks and JITs its kernels on the first ones; then
+    up to `cpu_reps` calls within `cpu_budget_s`)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        median, p20, p80 = triton.testing.do_bench(fn, quantiles=list(QUANTILES))
+        return {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "reps": None}
+    seconds = time_cpu(fn, warmup=3, reps=cpu_reps, budget_s=cpu_budget_s)
+    median, p20, p80 = quantiles_ms(seconds)
+    return {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "reps": len(seconds)}
+
+
+def machine() -> dict:
+    """Host, CPU, GPU and library versions: what a reader needs to compare two result files."""
+    import onnxruntime  # here: only the result header needs it
+    import triton
+
+    cpu_names = [
+        line.split(":", 1)[1].strip()
+        for line in Path("/proc/cpuinfo").read_text().splitlines()
+        if line.startswith("model name")
+    ]
+    return {
+        "host": platform.node(),
+        "cpu": cpu_names[0] if cpu_names else platform.processor(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "cuda": torch.version.cuda,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def device_tag(device: torch.device) -> str:
+    """The device as a file-name fragment: "cpu", or the card's name ("nvidia-h100-80gb-hbm3")."""
+    if device.type != "cuda":
+        return device.type
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+def result_stem(question: str, device: torch.device, dtype: torch.dtype, now: datetime.datetime) -> str:
+    """File name without suffix: blocks_cpu_float32_20261126T163405."""
+    return f"{question}_{device_tag(device)}_{str(dtype).removeprefix('torch.')}_{now:%Y%m%dT%H%M%S}"
+
+
+@dataclass(frozen=True)
+class Column:
+    """One markdown column: its header, the row key it shows, and the format of a present value."""
+
+    header: str
+    key: str
+    fmt: str = "{}"
+
+
+def markdown_table(rows: Iterable[dict], columns: Sequence[Column]) -> str:
+    """A GitHub markdown table, one line per row; a missing or None value shows as "—", a "|" in a cell as "\\|"."""
+    lines = ["| " + " | ".join(c.header for c in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = ["—" if row.get(c.key) is None else c.fmt.format(row[c.key]).replace("|", "\\|") for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(report: dict, columns: Sequence[Column], out_dir: Path, stem: str, title: str) -> list[Path]:
+    """`report` (with a "rows" list and a "machine" dict) as <stem>.json and <stem>.md; returns both paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    header = ", ".join(f"{key} {value}" for key, value in report["machine"].items() if value is not None)
+    md_path.write_text(f"# {title}\n\n{report['date']}; {header}\n\n{markdown_table(report['rows'], columns)}")
+    logger.info("wrote %s and %s", json_path, md_path)
+    return [json_path, md_path]
+
+
+def progress(items: Sequence, description: str) -> Iterable:
+    """tqdm over `items` where tqdm is installed (the `bench` extra); otherwise a log line per item."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        logger.warning("tqdm is not installed (pip install '.[bench]'): logging progress per row instead")
+        return _logged(items, description)
+    return tqdm(items, desc=description)
+
+
+def _logged(items: Sequence, description: str) -> Iterable:
+    for index, item in enumerate(items, 1):
+        logger.info("%s %d/%d: %s", description, index, len(items), item)
+        yield item
+
+
+INTERRUPTED = {"status": "interrupted", "reason": "stopped by SIGINT (e.g. timeout -s INT) before the next row"}
+
+
+def collect(rows: Iterable[dict]) -> list[dict]:
+    """The rows of a benchmark generator; on Ctrl-C / SIGINT, those measured so far plus an INTERRUPTED marker row,
+    so that a time-boxed run (the GPU check script) still writes what it measured."""
+    collected: list[dict] = []
+    try:
+        for row in rows:
+            collected.append(row)
+    except KeyboardInterrupt:
+        logger.warning("interrupted after %d rows: writing those", len(collected))
+        collected.append(dict(INTERRUPTED))
+    return collected
+
+
+def interrupted(rows: Sequence[dict]) -> bool:
+    return bool(rows) and rows[-1].get("status") == INTERRUPTED["status"]
+
+
+def pyplot():
+    """matplotlib.pyplot with the file-only Agg backend, or None (with a warning) where matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        logger.warning("matplotlib is not installed (pip install '.[bench]'): no PNG chart")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Everything a GPU host should check, within 8 minutes: versions, the gpu-marked tests, and the block and end-to-end
+# benchmarks (ResNet-50 and its pre-activation variant; ResNet-18 end to end) in bfloat16 and float16 at batch 1 and
+# 128. Results (JSON, markdown, PNG where matplotlib is there) and one log per step land in OUT_DIR.
+#
+#   PYTHONPATH=. bash bench/gpu_check.sh OUT_DIR        (from the repository root; no pip install needed)
+#
+# Each step has its own time box. A benchmark that hits it gets SIGINT and still writes the rows it measured
+# ("complete": false in its JSON); a step that fails is logged and the next one runs. Exit status: 0 when every step
+# finished, 1 otherwise.
+set -uo pipefail
+
+if [[ $# -ne 1 ]]; then
+    echo "usage: $0 OUT_DIR" >&2
+    exit 2
+fi
+out_dir=$1
+mkdir -p "$out_dir"
+python=${PYTHON:-python}
+export PYTHONPATH=${PYTHONPATH:-.}
+failed=0
+
+# step NAME SECONDS COMMAND...: runs COMMAND with a time box, its output in OUT_DIR/NAME.log and on the terminal.
+step() {
+    local name=$1 seconds=$2
+    shift 2
+    echo "=== $name (at most ${seconds}s): $*"
+    local started=$SECONDS
+    timeout --signal=INT --kill-after=20 "$seconds" "$@" 2>&1 | tee "$out_dir/$name.log"
+    local status=${PIPESTATUS[0]}
+    echo "=== $name: exit $status after $((SECONDS - started))s"
+    if [[ $status -ne 0 ]]; then
+        failed=1
+    fi
+}
+
+{
+    date -u +%Y-%m-%dT%H:%M:%SZ
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    "$python" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda,
+"cudnn", torch.backends.cudnn.version(), "triton", triton.__version__, "card", torch.cuda.get_device_name())'
+} 2>&1 | tee "$out_dir/versions.txt"
+
+bench=(--out-dir "$out_dir" --batch 1 128)
+# The budget (8 min) in order of importance; the compile rows have their own budgets inside the time boxes.
+step pytest_gpu 100 "$python" -m pytest -m gpu -q -p no:cacheprovider tests
+step blocks_bf16 130 "$python" -m bench.blocks "${bench[@]}" --dtype bfloat16 --arch resnet50 preact_resnet50 \
+    --variants unfused folded compile compile-max-autotune fused --compile-budget-s 45
+step model_bf16 95 "$python" -m bench.model "${bench[@]}" --dtype bfloat16 --arch resnet18 resnet50 \
+    --backends eager eager-channels-last compile fused fused-graphs --compile-budget-s 40
+step blocks_fp16 55 "$python" -m bench.blocks "${bench[@]}" --dtype float16 --arch resnet50 \
+    --variants unfused folded fused
+step model_fp16 45 "$python" -m bench.model "${bench[@]}" --dtype float16 --arch resnet50 \
+    --backends eager-channels-last fused fused-graphs
+
+echo "total ${SECONDS}s; results in $out_dir"
+ls -l "$out_dir"
+exit "$failed"

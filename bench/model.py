@@ -1,0 +1,231 @@
+"""End to end, per backend: images/s and latency of a whole ResNet (random weights) at each batch size.
+
+`backend.run(batch)` is timed as served: a float32 NCHW batch on the CPU in, float32 logits on the CPU out (so
+host-device copies count). Backends:
+
+- eager: the unfused model, NCHW; eager-channels-last: the same, channels_last (what the service's eager backend runs);
+- onnxruntime: float32 only (the service's ONNX Runtime backend);
+- compile: torch.compile (default mode, dynamic=False) of the channels_last eager model, within --compile-budget-s;
+- fused: our Triton kernels (models.fuse), launched one by one; fused-graphs: the service's fused backend, one CUDA
+  graph per batch. GPU only: on a CPU those rows say "needs GPU".
+
+Every row also gives its relative error against eager float32 NCHW on the same batch (TF32 off). Median and p20/p80
+(triton.testing.do_bench on a GPU, a perf_counter loop on a CPU). Writes
+bench/results/model_<device>_<dtype>_<date>.{json,md,png}.
+
+    python -m bench.model [--device cuda] [--dtype bfloat16] [--arch resnet18 resnet50] [--batch 1 8 32 128 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import models
+from bench.common import (
+    DTYPES,
+    RESULTS,
+    Column,
+    Skipped,
+    bench_ms,
+    collect,
+    interrupted,
+    kernels_run_on,
+    machine,
+    progress,
+    pyplot,
+    relative_error,
+    result_stem,
+    write_results,
+)
+from service.backends import create_backend
+from service.backends.base import Backend
+from service.backends.eager import EagerBackend
+
+ARCHES = ("resnet18", "resnet50")
+BACKENDS = ("eager", "eager-channels-last", "onnxruntime", "compile", "fused", "fused-graphs")
+
+logger = logging.getLogger("bench.model")
+
+
+class ModuleBackend:
+    """A module run the way the service's backends run: CPU float32 NCHW in, CPU float32 logits out."""
+
+    def __init__(
+        self, name: str, module: nn.Module, device: torch.device, dtype: torch.dtype, channels_last: bool
+    ) -> None:
+        self.name, self.device, self.dtype = name, device, dtype
+        self._module = module
+        self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def run(self, batch: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            x = batch.to(self.device, self.dtype).contiguous(memory_format=self._memory_format)
+            return self._module(x).float().cpu()
+
+
+def load(
+    kind: str, arch: str, dtype: torch.dtype, device: torch.device, input_size: int, max_batch: int, compile_left: float
+) -> Backend:
+    """Backend `kind` for a fresh seeded `arch`; raises Skipped when it cannot run here."""
+    model = models.build(arch, weights="random", seed=0)
+    loading = {"input_size": input_size, "max_batch_size": max_batch, "device": device}
+    if kind == "eager":
+        return EagerBackend(model, input_size=input_size, device=device, dtype=dtype, channels_last=False)
+    if kind == "eager-channels-last":
+        return create_backend("eager", model, **loading, dtype=dtype)
+    if kind == "onnxruntime":
+        if dtype != torch.float32:
+            raise Skipped("onnxruntime backend computes in float32 only")
+        return create_backend("onnxruntime", model, **loading)
+    if kind == "compile":
+        if compile_left <= 0:
+            raise Skipped("compile time budget spent (--compile-budget-s)")
+        module = model.to(device, dtype, memory_format=torch.channels_last)
+        return ModuleBackend(kind, torch.compile(module, dynamic=False), device, dtype, channels_last=True)
+    if not kernels_run_on(device):
+        raise Skipped("needs GPU")
+    if kind == "fused":
+        return ModuleBackend(kind, models.fuse(model.to(device), dtype), device, torch.float32, channels_last=False)
+    if device.type != "cuda":
+        raise Skipped("CUDA graphs need a GPU")
+    return create_backend("fused", model, **loading, dtype=dtype)
+
+
+def reference_backend(arch: str, device: torch.device, input_size: int) -> Backend:
+    """Eager float32 NCHW: what every row's error is measured against."""
+    model = models.build(arch, weights="random", seed=0)
+    return EagerBackend(model, input_size=input_size, device=device, channels_last=False)
+
+
+def benchmark_rows(
+    archs: list[str],
+    batches: list[int],
+    kinds: list[str],
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    input_size: int = 224,
+    compile_budget_s: float = 600.0,
+    cpu_seconds: float = 5.0,
+) -> Iterator[dict]:
+    """Yields a row per arch × backend × batch as each is measured; a backend that cannot run here gives a skipped
+    row per batch."""
+    compile_left = compile_budget_s
+    for arch in archs:
+        reference = reference_backend(arch, device, input_size)
+        inputs = {batch: torch.randn(batch, 3, input_size, input_size) for batch in batches}
+        with torch.inference_mode():
+            expected = {batch: reference.run(x) for batch, x in inputs.items()}
+        del reference
+        for kind in progress(kinds, f"{arch} backends"):
+            base = {"arch": arch, "backend": kind, "dtype": str(dtype).removeprefix("torch."), "input_size": input_size}
+            started = time.perf_counter()
+            try:
+                backend = load(kind, arch, dtype, device, input_size, max(batches), compile_left)
+            except Skipped as skipped:
+                yield from (base | {"batch": b, "status": "skipped", "reason": str(skipped)} for b in batches)
+                continue
+            for batch in batches:
+                x = inputs[batch]
+                row = base | {"batch": batch, "status": "ok", "reason": None}
+                row["rel_err"] = relative_error(backend.run(x), expected[batch])  # also compiles / warms up
+                row |= bench_ms(lambda backend=backend, x=x: backend.run(x), backend.device, cpu_budget_s=cpu_seconds)
+                row["images_per_s"] = batch / (row["median_ms"] / 1e3)
+                yield row
+            if kind == "compile":
+                compile_left -= time.perf_counter() - started
+            del backend
+
+
+COLUMNS = (
+    Column("model", "arch"),
+    Column("backend", "backend"),
+    Column("batch", "batch"),
+    Column("images/s", "images_per_s", "{:.1f}"),
+    Column("median ms", "median_ms", "{:.2f}"),
+    Column("p20 ms", "p20_ms", "{:.2f}"),
+    Column("p80 ms", "p80_ms", "{:.2f}"),
+    Column("rel. error", "rel_err", "{:.1e}"),
+    Column("note", "reason"),
+)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """One panel per model: images/s against batch, one line per backend (log-log)."""
+    plt = pyplot()
+    rows = [row for row in rows if row["status"] == "ok"]
+    if plt is None or not rows:
+        return
+    archs = list(dict.fromkeys(row["arch"] for row in rows))
+    fig, axes = plt.subplots(1, len(archs), figsize=(6 * len(archs), 4), squeeze=False)
+    for ax, arch in zip(axes[0], archs, strict=True):
+        for kind in BACKENDS:
+            points = [
+                (r["batch"], r["images_per_s"])
+                for r in rows
+                if (r["arch"], r["backend"], r["status"]) == (arch, kind, "ok")
+            ]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=kind)
+        ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="images/s", title=f"{arch}: {title}")
+        batches = sorted({r["batch"] for r in rows})
+        ax.set_xticks(batches, [str(b) for b in batches], minor=False)
+        ax.minorticks_off()
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    logger.info("wrote %s", path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on CUDA, float32 on a CPU")
+    parser.add_argument("--arch", nargs="+", choices=ARCHES, default=list(ARCHES))
+    parser.add_argument("--batch", nargs="+", type=int, default=[1, 8, 32, 128, 256])
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
+    parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--compile-budget-s", type=float, default=600.0, help="total seconds for compile backends")
+    parser.add_argument("--cpu-seconds", type=float, default=5.0, help="timing budget per row on a CPU")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+
+    started = datetime.datetime.now(datetime.UTC)
+    rows = collect(
+        benchmark_rows(
+            args.arch, args.batch, args.backends, dtype, device,
+            input_size=args.input_size, compile_budget_s=args.compile_budget_s, cpu_seconds=args.cpu_seconds,
+        )
+    )  # fmt: skip
+    report = {
+        "question": "whole model, per backend: images/s and batch latency, CPU tensors in and out",
+        "date": started.isoformat(timespec="seconds"),
+        "machine": machine(),
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "input_size": args.input_size,
+        "loadavg_after": os.getloadavg(),
+        "complete": not interrupted(rows),
+        "rows": rows,
+    }
+    stem = result_stem("model", device, dtype, started)
+    write_results(report, COLUMNS, args.out_dir, stem, f"ResNet end to end, {device}, {report['dtype']}")
+    plot(rows, args.out_dir / f"{stem}.png", f"{device}, {report['dtype']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""The benchmarks compute what they claim: every variant of a block and every backend of a model gives the same
+outputs as unfused eager, the shapes come from the models, and the result writers write what they say.
+
+Timing is replaced by one plain call (these are correctness tests, not benchmarks); the fused rows run under the
+Triton interpreter on a CPU, on small inputs.
+"""
+
+import json
+
+import pytest
+import torch
+
+import models
+from bench import blocks, common
+from bench import model as model_bench
+
+
+def _call_once(fn, device, **_):
+    fn()
+    return {"median_ms": 1.0, "p20_ms": 0.9, "p80_ms": 1.1, "reps": 1}
+
+
+def _fixed_timing(fn, device, **_):
+    return {"median_ms": 1.0, "p20_ms": 0.9, "p80_ms": 1.1, "reps": 0}
+
+
+@pytest.fixture
+def untimed(monkeypatch):
+    monkeypatch.setattr(blocks, "bench_ms", _call_once)
+    # A whole fused model under the interpreter takes seconds a call: its one output check is enough.
+    monkeypatch.setattr(model_bench, "bench_ms", _fixed_timing)
+
+
+def test_distinct_blocks_walk_the_models():
+    model = models.build("resnet50", weights="random", seed=0)
+    shapes = [shape for shape, _ in blocks.distinct_blocks(model, "resnet50", 224)]
+    # stem, then per stage its first (projecting) block and one of the repeated ones
+    assert [s.name for s in shapes] == ["stem"] + [f"layer{i}.{j}" for i in range(1, 5) for j in (0, 1)]
+    assert shapes[0].in_shape == (3, 224, 224) and shapes[0].out_shape == (64, 112, 112)
+    assert shapes[0].flops == 2 * 64 * 112 * 112 * 3 * 7 * 7
+    assert shapes[1].in_shape == (64, 56, 56) and shapes[1].out_shape == (256, 56, 56)
+    assert shapes[-1].in_shape == shapes[-1].out_shape == (2048, 7, 7)
+    # each stage's repeated block consumes what its first block produces
+    for first, repeated in zip(shapes[1::2], shapes[2::2], strict=True):
+        assert repeated.in_shape == first.out_shape
+    # 1x1 (C -> w), 3x3 (w -> w), 1x1 (w -> 4w) at w = 512: the weights of the last repeated bottleneck
+    assert shapes[-1].weight_elements == 2048 * 512 + 512 * 512 * 9 + 512 * 2048
+
+
+@pytest.mark.parametrize(
+    ("arch", "names"),
+    [("resnet18", {"stem", "layer2.0", "layer2.1"}), ("preact_resnet50", {"layer1.0", "layer3.1"})],
+)
+def test_block_variants_agree_with_unfused(untimed, arch, names):
+    rows = list(blocks.benchmark_rows(
+        [arch], [3], ["unfused", "folded", "fused"], torch.float32, torch.device("cpu"),
+        input_size=40, select=lambda shape: shape.name in names,
+    ))  # fmt: skip
+    assert {row["name"] for row in rows} == names
+    assert len(rows) == 3 * len(names)
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert row["rel_err"] < 1e-5, row
+        assert row["speedup"] == pytest.approx(1.0)
+
+
+def test_fold_block_matches_eager_in_every_block_kind():
+    for arch in ("resnet18", "resnet50", "preact_resnet18", "preact_resnet50"):
+        model = models.build(arch, weights="random", seed=1)
+        for shape, block in blocks.distinct_blocks(model, arch, 32):
+            x = torch.randn(2, *shape.in_shape)
+            with torch.inference_mode():
+                error = common.relative_error(blocks.fold_block(block)(x), block(x))
+            assert error < 1e-5, (shape.label, error)
+
+
+def test_fused_rows_need_a_gpu_without_the_interpreter(untimed, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    rows = list(blocks.benchmark_rows(
+        ["resnet18"], [1], ["fused"], torch.float32, torch.device("cpu"),
+        input_size=32, select=lambda shape: shape.name == "stem",
+    ))  # fmt: skip
+    assert [(r["variant"], r["status"], r["reason"]) for r in rows] == [
+        ("unfused", "ok", None),
+        ("fused", "skipped", "needs GPU"),
+    ]
+
+
+def test_model_backends_agree_with_eager(untimed):
+    kinds = ["eager", "eager-channels-last", "onnxruntime", "fused", "fused-graphs"]
+    cpu = torch.device("cpu")
+    rows = list(model_bench.benchmark_rows(["resnet18"], [3], kinds, torch.float32, cpu, input_size=32))
+    assert [r["backend"] for r in rows] == kinds
+    for row in rows:
+        if row["backend"] == "fused-graphs":
+            assert row["status"] == "skipped" and "GPU" in row["reason"]
+            continue
+        assert row["status"] == "ok", row
+        assert row["rel_err"] < 1e-5, row
+        assert row["images_per_s"] == pytest.approx(row["batch"] / 1e-3)
+
+
+def test_bench_ms_on_cpu_reports_quantiles_in_order():
+    result = common.bench_ms(lambda: torch.randn(64, 64) @ torch.randn(64, 64), torch.device("cpu"), cpu_reps=7)
+    assert result["reps"] == 7
+    assert 0 < result["p20_ms"] <= result["median_ms"] <= result["p80_ms"]
+
+
+def test_write_results_writes_json_and_a_markdown_row_per_row(tmp_path):
+    rows = [
+        {"label": "a", "median_ms": 1.23456, "reason": None},
+        {"label": "b|c", "median_ms": None, "reason": "needs GPU"},
+    ]
+    report = {"date": "2026-11-26T00:00:00+00:00", "machine": {"gpu": None, "torch": "2.13"}, "rows": rows}
+    columns = [common.Column("block", "label"), common.Column("median ms", "median_ms", "{:.2f}"),
+               common.Column("note", "reason")]  # fmt: skip
+    json_path, md_path = common.write_results(report, columns, tmp_path, "blocks_cpu_float32_x", "Title")
+    assert json.loads(json_path.read_text()) == report
+    lines = md_path.read_text().splitlines()
+    assert lines[0] == "# Title"
+    assert "torch 2.13" in lines[2] and "gpu" not in lines[2]
+    table = lines[lines.index("| block | median ms | note |") :]
+    assert table[1] == "|---|---|---|"
+    assert table[2:] == ["| a | 1.23 | — |", "| b\\|c | — | needs GPU |"]
+
+
+def test_collect_keeps_the_rows_measured_before_an_interrupt():
+    def rows():
+        yield {"status": "ok", "n": 1}
+        raise KeyboardInterrupt
+
+    collected = common.collect(rows())
+    assert collected[0] == {"status": "ok", "n": 1}
+    assert common.interrupted(collected)
+    assert not common.interrupted(collected[:1])
+
+
+def test_block_chart_is_a_png(tmp_path):
+    row = {"arch": "resnet18", "name": "stem", "batch": 1, "status": "ok"}
+    rows = [row | {"variant": "unfused", "speedup": 1.0}, row | {"variant": "folded", "speedup": 1.3}]
+    rows.append(dict(common.INTERRUPTED))
+    blocks.plot(rows, tmp_path / "chart.png", "title")
+    assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
