@@ -18,11 +18,8 @@ bench/results/blocks_<device>_<dtype>_<date>.{json,md,png}.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import datetime
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -33,20 +30,15 @@ from torch import nn
 
 import models
 from bench.common import (
-    DTYPES,
-    RESULTS,
     Column,
     Skipped,
     bench_ms,
-    collect,
-    interrupted,
     kernels_run_on,
-    machine,
+    parse_run_args,
     progress,
     pyplot,
     relative_error,
-    result_stem,
-    write_results,
+    run_and_write,
 )
 from models.folding import bn_scale_shift, fold_conv_bn
 from models.preact_resnet import PreActBasicBlock, PreActBottleneck
@@ -363,45 +355,30 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on CUDA, float32 on a CPU")
-    parser.add_argument("--arch", nargs="+", choices=ARCHES, default=list(ARCHES))
-    parser.add_argument("--batch", nargs="+", type=int, default=[1, 8, 32, 128])
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    parser.add_argument("--input-size", type=int, default=224)
-    parser.add_argument("--compile-budget-s", type=float, default=300.0, help="total seconds torch.compile may take")
-    parser.add_argument("--cpu-seconds", type=float, default=2.0, help="timing budget per row on a CPU")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    device = torch.device(args.device)
-    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-    # float32 rows compare IEEE float32 with IEEE float32: our fused kernels do not use TF32 unless asked.
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-
-    started = datetime.datetime.now(datetime.UTC)
-    rows = collect(
-        benchmark_rows(
-            args.arch, args.batch, args.variants, dtype, device,
-            input_size=args.input_size, compile_budget_s=args.compile_budget_s, cpu_seconds=args.cpu_seconds,
-        )
+    run = parse_run_args(
+        __doc__,
+        archs=ARCHES,
+        batches=(1, 8, 32, 128),
+        choices_flag="--variants",
+        choices=VARIANTS,
+        compile_budget_s=300.0,
+        cpu_seconds=2.0,
+    )
+    rows = benchmark_rows(
+        run.archs, run.batches, run.choices, run.dtype, run.device,
+        input_size=run.input_size, compile_budget_s=run.compile_budget_s, cpu_seconds=run.cpu_seconds,
     )  # fmt: skip
-    report = {
-        "question": "one residual block at a time: fused Triton kernels against unfused eager, folded eager and "
+    run_and_write(
+        rows,
+        run,
+        name="blocks",
+        question="one residual block at a time: fused Triton kernels against unfused eager, folded eager and "
         "torch.compile",
-        "date": started.isoformat(timespec="seconds"),
-        "machine": machine(),
-        "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."),
-        "input_size": args.input_size,
-        "loadavg_after": os.getloadavg(),
-        "complete": not interrupted(rows),
-        "rows": rows,
-    }
-    stem = result_stem("blocks", device, dtype, started)
-    write_results(report, COLUMNS, args.out_dir, stem, f"ResNet blocks, {device}, {report['dtype']}")
-    plot(rows, args.out_dir / f"{stem}.png", f"speed-up against unfused eager, {device}, {report['dtype']}")
+        columns=COLUMNS,
+        title="ResNet blocks",
+        plot=plot,
+        plot_title="speed-up against unfused eager",
+    )
 
 
 if __name__ == "__main__":

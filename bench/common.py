@@ -6,6 +6,7 @@ question, the device and the UTC time, so results from different cards and days 
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import logging
@@ -186,3 +187,91 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+@dataclass(frozen=True)
+class RunArgs:
+    """The command line both benchmark scripts share; `choices` is their one differing list (variants, backends)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    archs: list[str]
+    batches: list[int]
+    choices: list[str]
+    input_size: int
+    compile_budget_s: float
+    cpu_seconds: float
+    out_dir: Path
+
+
+def parse_run_args(
+    doc: str,
+    *,
+    archs: Sequence[str],
+    batches: Sequence[int],
+    choices_flag: str,
+    choices: Sequence[str],
+    compile_budget_s: float,
+    cpu_seconds: float,
+) -> RunArgs:
+    """Parses --device --dtype --arch --batch <choices_flag> --input-size --compile-budget-s --cpu-seconds --out-dir,
+    sets up logging, and turns TF32 off: float32 rows compare IEEE float32 with IEEE float32, as our kernels do
+    unless asked."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on CUDA, float32 on a CPU")
+    parser.add_argument("--arch", nargs="+", choices=archs, default=list(archs))
+    parser.add_argument("--batch", nargs="+", type=int, default=list(batches))
+    parser.add_argument(choices_flag, nargs="+", choices=choices, default=list(choices))
+    parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument(
+        "--compile-budget-s", type=float, default=compile_budget_s, help="seconds torch.compile may take"
+    )
+    parser.add_argument("--cpu-seconds", type=float, default=cpu_seconds, help="timing budget per row on a CPU")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    device = torch.device(args.device)
+    return RunArgs(
+        device=device,
+        dtype=DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")],
+        archs=args.arch,
+        batches=args.batch,
+        choices=getattr(args, choices_flag.removeprefix("--").replace("-", "_")),
+        input_size=args.input_size,
+        compile_budget_s=args.compile_budget_s,
+        cpu_seconds=args.cpu_seconds,
+        out_dir=args.out_dir,
+    )
+
+
+def run_and_write(
+    rows: Iterable[dict],
+    run: RunArgs,
+    *,
+    name: str,
+    question: str,
+    columns: Sequence[Column],
+    title: str,
+    plot: Callable[[list[dict], Path, str], None],
+    plot_title: str,
+) -> None:
+    """Measures `rows` (keeping those done if interrupted), then writes <stem>.json, .md and .png under run.out_dir."""
+    started = datetime.datetime.now(datetime.UTC)
+    measured = collect(rows)
+    dtype_name = str(run.dtype).removeprefix("torch.")
+    report = {
+        "question": question,
+        "date": started.isoformat(timespec="seconds"),
+        "machine": machine(),
+        "device": str(run.device),
+        "dtype": dtype_name,
+        "input_size": run.input_size,
+        "loadavg_after": os.getloadavg(),
+        "complete": not interrupted(measured),
+        "rows": measured,
+    }
+    stem = result_stem(name, run.device, run.dtype, started)
+    write_results(report, columns, run.out_dir, stem, f"{title}, {run.device}, {dtype_name}")
+    plot(measured, run.out_dir / f"{stem}.png", f"{plot_title}, {run.device}, {dtype_name}")

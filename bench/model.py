@@ -18,10 +18,7 @@ bench/results/model_<device>_<dtype>_<date>.{json,md,png}.
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import logging
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,20 +28,15 @@ from torch import nn
 
 import models
 from bench.common import (
-    DTYPES,
-    RESULTS,
     Column,
     Skipped,
     bench_ms,
-    collect,
-    interrupted,
     kernels_run_on,
-    machine,
+    parse_run_args,
     progress,
     pyplot,
     relative_error,
-    result_stem,
-    write_results,
+    run_and_write,
 )
 from service.backends import create_backend
 from service.backends.base import Backend
@@ -188,43 +180,29 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on CUDA, float32 on a CPU")
-    parser.add_argument("--arch", nargs="+", choices=ARCHES, default=list(ARCHES))
-    parser.add_argument("--batch", nargs="+", type=int, default=[1, 8, 32, 128, 256])
-    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
-    parser.add_argument("--input-size", type=int, default=224)
-    parser.add_argument("--compile-budget-s", type=float, default=600.0, help="total seconds for compile backends")
-    parser.add_argument("--cpu-seconds", type=float, default=5.0, help="timing budget per row on a CPU")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    device = torch.device(args.device)
-    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-
-    started = datetime.datetime.now(datetime.UTC)
-    rows = collect(
-        benchmark_rows(
-            args.arch, args.batch, args.backends, dtype, device,
-            input_size=args.input_size, compile_budget_s=args.compile_budget_s, cpu_seconds=args.cpu_seconds,
-        )
+    run = parse_run_args(
+        __doc__,
+        archs=ARCHES,
+        batches=(1, 8, 32, 128, 256),
+        choices_flag="--backends",
+        choices=BACKENDS,
+        compile_budget_s=600.0,
+        cpu_seconds=5.0,
+    )
+    rows = benchmark_rows(
+        run.archs, run.batches, run.choices, run.dtype, run.device,
+        input_size=run.input_size, compile_budget_s=run.compile_budget_s, cpu_seconds=run.cpu_seconds,
     )  # fmt: skip
-    report = {
-        "question": "whole model, per backend: images/s and batch latency, CPU tensors in and out",
-        "date": started.isoformat(timespec="seconds"),
-        "machine": machine(),
-        "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."),
-        "input_size": args.input_size,
-        "loadavg_after": os.getloadavg(),
-        "complete": not interrupted(rows),
-        "rows": rows,
-    }
-    stem = result_stem("model", device, dtype, started)
-    write_results(report, COLUMNS, args.out_dir, stem, f"ResNet end to end, {device}, {report['dtype']}")
-    plot(rows, args.out_dir / f"{stem}.png", f"{device}, {report['dtype']}")
+    run_and_write(
+        rows,
+        run,
+        name="model",
+        question="whole model, per backend: images/s and batch latency, CPU tensors in and out",
+        columns=COLUMNS,
+        title="ResNet end to end",
+        plot=plot,
+        plot_title="images/s",
+    )
 
 
 if __name__ == "__main__":
