@@ -262,17 +262,17 @@ def conv_bn_act(
     args = (x, weight, bias, residual, scale, shift, out, m, h, w, p, q, stride_h, stride_w, pad_h, pad_w)
     specialization = _specialization(c, k, (r, s), (pad_h, pad_w), has_residual, relu, has_prologue, tf32)
     # The interpreter's bfloat16 dot is wrong and its float32 -> bfloat16 cast truncates: both are patched in-kernel.
-    emulate = interpreting()
+    interpreted = interpreting()
     specialization |= {
         "M_LOG2": m.bit_length(),
-        "UPCAST_DOT": emulate,
-        "ROUND_BF16_RTNE": emulate and x.dtype == torch.bfloat16,
+        "UPCAST_DOT": interpreted,
+        "ROUND_BF16_RTNE": interpreted and x.dtype == torch.bfloat16,
     }
 
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]),)
 
-    if interpreting():
+    if interpreted:
         reduction_step = r * s * c if specialization["FLAT_REDUCTION"] else c
         _conv_bn_act_kernel[grid](*args, **specialization, **conv_configs.interpreter_meta(m, k, reduction_step))
     else:
