@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -33,6 +34,7 @@ from bench.common import (
     Column,
     Skipped,
     bench_ms,
+    compile_fresh,
     kernels_run_on,
     parse_run_args,
     progress,
@@ -202,7 +204,7 @@ class CompileBudget:
             raise Skipped("compile time budget spent (--compile-budget-s)")
         started = time.perf_counter()
         try:
-            compiled = torch.compile(module, mode=mode, dynamic=False)
+            compiled = compile_fresh(module, mode=mode)
             compiled(x)
         except Exception as error:  # any backend failure (no compiler, unsupported op) makes the row skipped
             raise Skipped(f"torch.compile failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}") from None
@@ -323,6 +325,37 @@ COLUMNS = (
 )
 
 
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per arch, batch and variant: the geometric mean, min and max of the blocks' speed-ups against unfused."""
+    speedups: dict[tuple[str, int, str], list[float]] = {}
+    for row in rows:
+        if row["status"] == "ok" and row["variant"] != "unfused" and row.get("speedup"):
+            speedups.setdefault((row["arch"], row["batch"], row["variant"]), []).append(row["speedup"])
+    return [
+        {
+            "arch": arch,
+            "batch": batch,
+            "variant": variant,
+            "blocks": len(values),
+            "geomean_speedup": float(np.exp(np.mean(np.log(values)))),
+            "min_speedup": min(values),
+            "max_speedup": max(values),
+        }
+        for (arch, batch, variant), values in speedups.items()
+    ]
+
+
+SUMMARY_COLUMNS = (
+    Column("model", "arch"),
+    Column("batch", "batch"),
+    Column("variant", "variant"),
+    Column("blocks", "blocks"),
+    Column("speed-up, geometric mean", "geomean_speedup", "{:.2f}x"),
+    Column("min", "min_speedup", "{:.2f}x"),
+    Column("max", "max_speedup", "{:.2f}x"),
+)
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
     """One panel per batch: speed-up against unfused of every timed variant, a group of bars per block."""
     plt = pyplot()
@@ -378,6 +411,8 @@ def main() -> None:
         title="ResNet blocks",
         plot=plot,
         plot_title="speed-up against unfused eager",
+        summarize=summarize,
+        summary_columns=SUMMARY_COLUMNS,
     )
 
 

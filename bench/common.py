@@ -37,20 +37,34 @@ def kernels_run_on(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def compile_fresh(module: torch.nn.Module, **compile_options) -> Callable[..., torch.Tensor]:
+    """torch.compile(module, dynamic=False, **compile_options) with Dynamo's caches emptied first.
+
+    Dynamo counts recompilations per code object (say Bottleneck.forward) across every module and every input shape,
+    and past torch._dynamo.config.recompile_limit (8) it runs that frame eagerly, with only a warning: a benchmark that
+    compiles block after block, batch after batch, would time eager under a compile label. Each compiled module here
+    is measured before the next one is made, so nothing of value is lost with the caches.
+    """
+    torch._dynamo.reset()
+    return torch.compile(module, dynamic=False, **compile_options)
+
+
 def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
     """‖out − reference‖ / ‖reference‖, computed in float32."""
     reference = reference.float()
     return float(torch.linalg.vector_norm(out.float() - reference) / torch.linalg.vector_norm(reference))
 
 
-def time_cpu(fn: Callable[[], object], warmup: int, reps: int, budget_s: float | None = None) -> list[float]:
-    """Seconds of each of up to `reps` calls of `fn` after `warmup` calls; stops early once `budget_s` is spent
-    (always at least one timed call)."""
+def time_cpu(
+    fn: Callable[[], object], warmup: int, reps: int, budget_s: float | None = None, min_reps: int = 1
+) -> list[float]:
+    """Seconds of each of up to `reps` calls of `fn` after `warmup` calls; stops early once `budget_s` is spent, but
+    never before `min_reps` timed calls."""
     for _ in range(warmup):
         fn()
     seconds: list[float] = []
     deadline = None if budget_s is None else time.perf_counter() + budget_s
-    while len(seconds) < reps and (deadline is None or not seconds or time.perf_counter() < deadline):
+    while len(seconds) < reps and (deadline is None or len(seconds) < min_reps or time.perf_counter() < deadline):
         started = time.perf_counter()
         fn()
         seconds.append(time.perf_counter() - started)
@@ -64,14 +78,15 @@ def quantiles_ms(seconds: Sequence[float]) -> tuple[float, float, float]:
 
 def bench_ms(fn: Callable[[], object], device: torch.device, cpu_reps: int = 20, cpu_budget_s: float = 5.0) -> dict:
     """{"median_ms", "p20_ms", "p80_ms", "reps"} of `fn`: triton's do_bench on a GPU (it flushes L2 and syncs),
-    a perf_counter loop on a CPU (three warm-up calls: oneDNN picks and JITs its kernels on the first ones; then
-    up to `cpu_reps` calls within `cpu_budget_s`)."""
+    a perf_counter loop on a CPU (two warm-up calls: oneDNN picks and JITs its kernels on the first ones; then
+    up to `cpu_reps` calls within `cpu_budget_s`, and at least five whatever they cost, so that p20/p80 mean something:
+    ResNet-50 at batch 256 takes ~15 s a call on this machine's two cores)."""
     if device.type == "cuda":
         import triton.testing
 
         median, p20, p80 = triton.testing.do_bench(fn, quantiles=list(QUANTILES))
         return {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "reps": None}
-    seconds = time_cpu(fn, warmup=3, reps=cpu_reps, budget_s=cpu_budget_s)
+    seconds = time_cpu(fn, warmup=2, reps=cpu_reps, budget_s=cpu_budget_s, min_reps=min(5, cpu_reps))
     median, p20, p80 = quantiles_ms(seconds)
     return {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "reps": len(seconds)}
 
@@ -129,13 +144,24 @@ def markdown_table(rows: Iterable[dict], columns: Sequence[Column]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(report: dict, columns: Sequence[Column], out_dir: Path, stem: str, title: str) -> list[Path]:
-    """`report` (with a "rows" list and a "machine" dict) as <stem>.json and <stem>.md; returns both paths."""
+def write_results(
+    report: dict,
+    columns: Sequence[Column],
+    out_dir: Path,
+    stem: str,
+    title: str,
+    summary_columns: Sequence[Column] = (),
+) -> list[Path]:
+    """`report` (with a "rows" list and a "machine" dict) as <stem>.json and <stem>.md; returns both paths. With
+    `summary_columns`, the markdown starts with the table of report["summary"]."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     header = ", ".join(f"{key} {value}" for key, value in report["machine"].items() if value is not None)
-    md_path.write_text(f"# {title}\n\n{report['date']}; {header}\n\n{markdown_table(report['rows'], columns)}")
+    tables = markdown_table(report["rows"], columns)
+    if summary_columns:
+        tables = f"## Summary\n\n{markdown_table(report['summary'], summary_columns)}\n## Rows\n\n{tables}"
+    md_path.write_text(f"# {title}\n\n{report['date']}; {header}\n\n{tables}")
     logger.info("wrote %s and %s", json_path, md_path)
     return [json_path, md_path]
 
@@ -256,8 +282,11 @@ def run_and_write(
     title: str,
     plot: Callable[[list[dict], Path, str], None],
     plot_title: str,
+    summarize: Callable[[list[dict]], list[dict]] | None = None,
+    summary_columns: Sequence[Column] = (),
 ) -> None:
-    """Measures `rows` (keeping those done if interrupted), then writes <stem>.json, .md and .png under run.out_dir."""
+    """Measures `rows` (keeping those done if interrupted), then writes <stem>.json, .md and .png under run.out_dir;
+    `summarize` turns the rows into the report's "summary" rows, shown first in the markdown by `summary_columns`."""
     started = datetime.datetime.now(datetime.UTC)
     measured = collect(rows)
     dtype_name = str(run.dtype).removeprefix("torch.")
@@ -272,6 +301,8 @@ def run_and_write(
         "complete": not interrupted(measured),
         "rows": measured,
     }
+    if summarize is not None:
+        report["summary"] = summarize(measured)
     stem = result_stem(name, run.device, run.dtype, started)
-    write_results(report, columns, run.out_dir, stem, f"{title}, {run.device}, {dtype_name}")
+    write_results(report, columns, run.out_dir, stem, f"{title}, {run.device}, {dtype_name}", summary_columns)
     plot(measured, run.out_dir / f"{stem}.png", f"{plot_title}, {run.device}, {dtype_name}")

@@ -31,6 +31,7 @@ from bench.common import (
     Column,
     Skipped,
     bench_ms,
+    compile_fresh,
     kernels_run_on,
     parse_run_args,
     progress,
@@ -82,7 +83,7 @@ def load(
         if compile_left <= 0:
             raise Skipped("compile time budget spent (--compile-budget-s)")
         module = model.to(device, dtype, memory_format=torch.channels_last)
-        return ModuleBackend(kind, torch.compile(module, dynamic=False), device, dtype, channels_last=True)
+        return ModuleBackend(kind, compile_fresh(module), device, dtype, channels_last=True)
     if not kernels_run_on(device):
         raise Skipped("needs GPU")
     if kind == "fused":

@@ -64,6 +64,25 @@ def test_block_variants_agree_with_unfused(untimed, arch, names):
         assert row["speedup"] == pytest.approx(1.0)
 
 
+def test_summary_gives_each_variants_geometric_mean_speedup_per_batch():
+    rows = [
+        {"arch": "a", "batch": 1, "variant": variant, "status": "ok", "speedup": speedup}
+        for variant, speedup in [("unfused", 1.0), ("folded", 2.0), ("folded", 0.5), ("folded", 8.0)]
+    ]
+    rows.append({"arch": "a", "batch": 1, "variant": "fused", "status": "skipped", "speedup": None})
+    assert blocks.summarize(rows) == [
+        {
+            "arch": "a",
+            "batch": 1,
+            "variant": "folded",
+            "blocks": 3,
+            "geomean_speedup": pytest.approx(2.0),  # the arithmetic mean is 3.5
+            "min_speedup": 0.5,
+            "max_speedup": 8.0,
+        }
+    ]
+
+
 def test_fold_block_matches_eager_in_every_block_kind():
     for arch in ("resnet18", "resnet50", "preact_resnet18", "preact_resnet50"):
         model = models.build(arch, weights="random", seed=1)
@@ -106,6 +125,27 @@ def test_bench_ms_on_cpu_reports_quantiles_in_order():
     assert 0 < result["p20_ms"] <= result["median_ms"] <= result["p80_ms"]
 
 
+def test_bench_ms_on_cpu_times_at_least_five_calls_past_its_budget():
+    result = common.bench_ms(lambda: torch.randn(64, 64) @ torch.randn(64, 64), torch.device("cpu"), cpu_budget_s=0)
+    assert result["reps"] == 5
+
+
+def test_compile_fresh_compiles_every_module_past_dynamos_recompile_limit():
+    # A block class compiled for more shapes than the limit allows: each one must still get its own graph, or the
+    # compile rows past the limit would time eager (Dynamo's fallback).
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append({tuple(tensor.shape) for tensor in example_inputs})
+        return graph_module.forward
+
+    compiles = torch._dynamo.config.recompile_limit + 2
+    for batch in range(1, compiles + 1):
+        common.compile_fresh(torch.nn.Conv2d(3, 4, 3), backend=counting_backend)(torch.randn(batch, 3, 8, 8))
+    assert len(graphs) == compiles
+    assert all((batch, 3, 8, 8) in shapes for batch, shapes in enumerate(graphs, start=1))
+
+
 def test_write_results_writes_json_and_a_markdown_row_per_row(tmp_path):
     rows = [
         {"label": "a", "median_ms": 1.23456, "reason": None},
@@ -122,6 +162,20 @@ def test_write_results_writes_json_and_a_markdown_row_per_row(tmp_path):
     table = lines[lines.index("| block | median ms | note |") :]
     assert table[1] == "|---|---|---|"
     assert table[2:] == ["| a | 1.23 | — |", "| b\\|c | — | needs GPU |"]
+
+
+def test_write_results_puts_the_summary_table_before_the_rows(tmp_path):
+    report = {
+        "date": "2026-11-26T00:00:00+00:00",
+        "machine": {"torch": "2.13"},
+        "rows": [{"label": "a"}],
+        "summary": [{"mean": 2.0}],
+    }
+    _, md_path = common.write_results(
+        report, [common.Column("block", "label")], tmp_path, "x", "Title", [common.Column("mean", "mean", "{:.1f}x")]
+    )
+    text = md_path.read_text()
+    assert text.index("## Summary") < text.index("| 2.0x |") < text.index("## Rows") < text.index("| a |")
 
 
 def test_collect_keeps_the_rows_measured_before_an_interrupt():
