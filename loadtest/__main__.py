@@ -98,6 +98,9 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+_RECORDED_ENV = ("OMP_", "MKL_", "RESNET_SERVE_")
+
+
 def _run_info(args: argparse.Namespace, backends: Sequence[str | None]) -> dict[str, object]:
     return {
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -109,6 +112,8 @@ def _run_info(args: argparse.Namespace, backends: Sequence[str | None]) -> dict[
         # Server and Locust share the CPUs (and with whatever else runs): a high load makes the figures noisy.
         "load_average_at_start": os.getloadavg()[0],
         "locust": importlib.metadata.version("locust"),
+        # What the servers started here inherit and that shapes their figures (thread counts, OpenMP's wait policy).
+        "environment": {key: value for key, value in sorted(os.environ.items()) if key.startswith(_RECORDED_ENV)},
     }
 
 

@@ -12,6 +12,7 @@ import random
 import time
 
 import gevent
+import gevent.event
 import grpc
 import grpc.experimental.gevent as grpc_gevent
 import numpy as np
@@ -85,18 +86,19 @@ class GrpcUser(User):
 
 
 # Read once per Locust process at start-up, before the clock runs: decoding the digits split takes seconds, which
-# would otherwise be spent inside the first users' on_start of a timed run.
+# would otherwise be spent inside the first users' on_start of a timed run. The reading runs in gevent's thread pool
+# so that the event loop keeps turning meanwhile: a worker has joined its master by then, and a worker whose loop
+# stands still for seconds misses its heartbeats and is dropped as missing.
 CLASSIFY_IMAGES: list[bytes] = []
+_IMAGES_READ = gevent.event.Event()
 
 
 @events.init.add_listener
-def _load_images(environment, **_kwargs) -> None:
+def _read_images(environment, **_kwargs) -> None:
     # A master only aggregates; its workers send the images.
     if ClassifyUser in (environment.user_classes or ()) and not isinstance(environment.runner, MasterRunner):
-        CLASSIFY_IMAGES[:] = images(environment.parsed_options.image_dir)
-        # The event loop's clock stood still while that blocked; without one turn of the loop, the --run-time timer
-        # Locust starts next counts from the stale time and fires at once.
-        gevent.sleep(0)
+        CLASSIFY_IMAGES[:] = gevent.get_hub().threadpool.apply(images, (environment.parsed_options.image_dir,))
+    _IMAGES_READ.set()
 
 
 class ClassifyUser(GrpcUser):
@@ -104,6 +106,7 @@ class ClassifyUser(GrpcUser):
 
     def on_start(self) -> None:
         self.stub = classifier_pb2_grpc.ClassifierStub(self.channel)
+        _IMAGES_READ.wait()  # a worker may be told to start its users while it is still reading them
         self.images = CLASSIFY_IMAGES
 
     @task
