@@ -15,14 +15,15 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
 import pytest
+import torch
 import yaml
-from PIL import Image
+from packaging.requirements import Requirement
 from prometheus_client.parser import text_string_to_metric_families
 from service_harness import CPU_ONLY, REPO_ROOT, ServerProcess, free_port
 
@@ -73,6 +74,17 @@ def dockerfile_stage(target: str) -> dict[str, str]:
     return stages[target]
 
 
+def dockerfile_arguments() -> dict[str, str]:
+    """{name: default} of every `ARG name=default` in the Dockerfile."""
+    lines = (line.split(maxsplit=1) for line in DOCKERFILE.read_text().splitlines() if line.startswith("ARG "))
+    return dict(arguments.partition("=")[::2] for _, arguments in lines if "=" in arguments)
+
+
+def project_metadata() -> dict:
+    with (REPO_ROOT / "pyproject.toml").open("rb") as file:
+        return tomllib.load(file)["project"]
+
+
 def healthcheck_command(target: str) -> list[str]:
     """The exec-form CMD of the stage's HEALTHCHECK (after its --interval and other options)."""
     _, _, command = dockerfile_stage(target)["HEALTHCHECK"].partition(" CMD ")
@@ -115,6 +127,18 @@ def test_dockerfile_passes_hadolint():
     assert completed.returncode == 0, completed.stdout + completed.stderr
 
 
+def test_images_install_a_torch_the_project_accepts(services: dict[str, dict]):
+    cuda_base, cuda_torch = dockerfile_arguments()["BASE"], dockerfile_arguments()["TORCH_VERSION"]
+    assert cuda_base.startswith(f"pytorch/pytorch:{cuda_torch}-cuda"), "TORCH_VERSION must be the torch BASE carries"
+    # The CPU images install the torch these tests run on.
+    tested_torch = torch.__version__.partition("+")[0]
+    cpu_build_args = {"BASE": "python:3.11-slim", "TORCH_VERSION": tested_torch}
+    assert services["server-cpu"]["build"]["args"] == services["locust-master"]["build"]["args"] == cpu_build_args
+
+    (torch_requirement,) = (r for r in map(Requirement, project_metadata()["dependencies"]) if r.name == "torch")
+    assert all(torch_requirement.specifier.contains(version) for version in (cuda_torch, tested_torch))
+
+
 def test_services_ports_profiles_and_gpu_reservation(services: dict[str, dict]):
     assert set(services) == {"server", "server-cpu", "prometheus", "locust-master", "locust-worker"}
     assert "profiles" not in services["server"] and "profiles" not in services["prometheus"]
@@ -126,7 +150,6 @@ def test_services_ports_profiles_and_gpu_reservation(services: dict[str, dict]):
     assert "deploy" not in services["server-cpu"]
     assert services["server"]["environment"] == {"RESNET_SERVE_BACKEND": "fused"}
     assert services["server-cpu"]["environment"] == {"RESNET_SERVE_BACKEND": "onnxruntime"}
-    assert services["server-cpu"]["build"]["args"] == {"BASE": "python:3.11-slim"}
     assert "args" not in services["server"]["build"]  # the Dockerfile's pinned CUDA PyTorch base
 
     for name in ("server", "server-cpu"):
@@ -230,14 +253,6 @@ def wait_until_healthy(
         time.sleep(0.3)
 
 
-def write_noise_images(folder: Path, count: int = 4) -> Path:
-    folder.mkdir()
-    for index in range(count):
-        pixels = np.random.randint(0, 256, size=(32, 32, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / f"noise-{index}.png")
-    return folder
-
-
 def run_locust(services: dict[str, dict], server: ServerProcess, tmp_path: Path) -> None:
     """The compose Locust master (headless, by Locust's environment settings) and one worker, for a few seconds."""
     master_port = free_port()
@@ -259,9 +274,9 @@ def run_locust(services: dict[str, dict], server: ServerProcess, tmp_path: Path)
     assert set(headless) == set(services["locust-master"]["environment"])
     master_log, worker_log = tmp_path / "master.log", tmp_path / "worker.log"
     worker_command = with_flags([*locust, *services["locust-worker"]["command"]], {"--master-host": "127.0.0.1"})
-    # A folder of images rather than the default digits: decoding those blocks a worker for seconds after it joined,
-    # long enough on a loaded machine for the master to count it missing and stop the run.
-    worker_options = ["--master-port", str(master_port), "--image-dir", str(write_noise_images(tmp_path / "images"))]
+    # The compose worker's own images, the digits: reading them takes seconds after the worker joined its master, and
+    # the run must survive that (loadtest/locustfile.py reads them off the event loop).
+    worker_options = ["--master-port", str(master_port)]
     processes = [
         start(local_executable([*master_command, "--master-bind-port", str(master_port)]), headless, master_log)
     ]
