@@ -21,7 +21,10 @@ from kernels._interpreter import round_to_bfloat16
 _FLAT_REDUCTION_MAX_C = 16
 
 
-@triton.jit
+# Sizes that change with the batch or the layer's resolution are not specialized on (Triton would compile a variant
+# for each value that is 1 or divisible by 16): the contiguous dimension is the constexpr C or K, so those hints buy
+# no vectorization, and without them one binary per layer shape serves every batch size and every autotune bucket.
+@triton.jit(do_not_specialize=["M", "H", "W", "P", "Q", "M_LOG2"])
 def _conv_bn_act_kernel(
     x_ptr,  # input, NHWC (N, H, W, C)
     w_ptr,  # packed weight (R*S*C, K), row (r*S + s)*C + c
@@ -152,7 +155,9 @@ def _conv_bn_act_kernel(
 def _autotuned_kernel(dtype: torch.dtype, allow_tf32: bool) -> triton.runtime.Autotuner:
     """One autotuner per operand kind: tensor-core tiles and FMA tiles are different candidate lists."""
     configs = conv_configs.autotune_configs(dtype, allow_tf32)
-    return triton.autotune(configs=configs, key=conv_configs.AUTOTUNE_KEY)(_conv_bn_act_kernel)
+    return triton.autotune(configs=configs, key=conv_configs.AUTOTUNE_KEY, do_bench=conv_configs.time_candidate)(
+        _conv_bn_act_kernel
+    )
 
 
 def pack_conv_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -16,11 +16,13 @@ from pathlib import Path
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from service._proto import classifier_pb2, classifier_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
+from service._proto import classifier_pb2, classifier_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 300.0
+# ModelInfo.reason while a model is still loading (proto/classifier.proto); any other reason is a failed load.
+LOADING_REASON = "loading"
 STOP_TIMEOUT_S = 60.0
 
 
@@ -72,21 +74,27 @@ def start(backend: str, repository: Path, log_path: Path) -> Target:
 
 
 def wait_ready(target: Target, model: str, timeout_s: float = READY_TIMEOUT_S) -> str:
-    """Waits until KServe ModelReady says `model` serves; returns the backend ListModels names for it."""
+    """Waits until ListModels says `model` serves; returns its backend. Raises ServerError at once when the server
+    says the model failed to load (its reason in the message), instead of waiting out the timeout."""
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(target.address) as channel:
-        inference = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        classifier = classifier_pb2_grpc.ClassifierStub(channel)
         while time.monotonic() < deadline:
             if target.process is not None and target.process.poll() is not None:
                 raise ServerError(f"server exited with {target.process.returncode}; its log: {target.log_path}")
             try:
-                if inference.ModelReady(grpc_service_pb2.ModelReadyRequest(name=model), timeout=2).ready:
-                    models = classifier_pb2_grpc.ClassifierStub(channel).ListModels(
-                        classifier_pb2.ListModelsRequest(), timeout=10
-                    )
-                    return next(info.backend for info in models.models if info.name == model)
+                listed = classifier.ListModels(classifier_pb2.ListModelsRequest(), timeout=2).models
             except grpc.RpcError:
-                pass  # not listening yet, or the model is still loading
+                listed = None  # not listening yet
+            if listed is not None:
+                info = next((info for info in listed if info.name == model), None)
+                if info is None:
+                    names = ", ".join(info.name for info in listed) or "nothing"
+                    raise ServerError(f"the server at {target.address} does not serve {model!r}; it lists {names}")
+                if info.ready:
+                    return info.backend
+                if info.reason != LOADING_REASON:
+                    raise ServerError(f"model {model!r} failed to load: {info.reason} (server log: {target.log_path})")
             time.sleep(0.2)
     raise ServerError(f"model {model!r} not ready at {target.address} after {timeout_s} s")
 

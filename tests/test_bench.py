@@ -6,13 +6,17 @@ Triton interpreter on a CPU, on small inputs.
 """
 
 import json
+import re
+import subprocess
 
 import pytest
 import torch
+from service_harness import REPO_ROOT
 
 import models
 from bench import blocks, common
 from bench import model as model_bench
+from service.repository import load_repository
 
 
 def _call_once(fn, device, **_):
@@ -195,3 +199,14 @@ def test_block_chart_is_a_png(tmp_path):
     rows.append(dict(common.INTERRUPTED))
     blocks.plot(rows, tmp_path / "chart.png", "title")
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gpu_check_load_tests_a_model_its_repository_serves_without_downloads():
+    script = (REPO_ROOT / "bench" / "gpu_check.sh").read_text()
+    repository = re.search(r"--model-repository (\S+)", script).group(1)
+    model = re.search(r"--model (\S+)", script).group(1)
+    configs = {config.name: config for config in load_repository(REPO_ROOT / repository)}
+    assert model in configs, f"{repository} does not define {model}"
+    # The GPU host has no network: pretrained weights would leave the model not ready and the step would fail.
+    assert configs[model].weights == "random"
+    assert subprocess.run(["bash", "-n", REPO_ROOT / "bench" / "gpu_check.sh"]).returncode == 0

@@ -41,7 +41,9 @@ def check_model_parity(name: str, dtype: torch.dtype, x: torch.Tensor, num_class
     assert out.shape == eager.shape
     err = relative_error(out, ref)
     assert err < TOLERANCES[dtype], f"{name} {dtype}: relative error {err:.2e} >= {TOLERANCES[dtype]:.0e}"
-    assert_same_top1(out, eager, exact=dtype == torch.float32)
+    # Against the float64 run, not `eager`: on a GPU eager float32 convolutions take TF32 (cuDNN's default), whose
+    # 1e-3 error decides close top-2 races among 1000 classes differently from an IEEE float32 kernel.
+    assert_same_top1(out, ref.float(), exact=dtype == torch.float32)
 
 
 @pytest.mark.parametrize(

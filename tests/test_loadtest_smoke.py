@@ -1,7 +1,9 @@
 """python -m loadtest end to end: a real server on 127.0.0.1, Locust in a subprocess, the JSON and PNG report."""
 
 import json
+import time
 
+from loadtest import server
 from loadtest.__main__ import main
 
 
@@ -27,4 +29,20 @@ def test_a_model_missing_from_the_repository_fails_the_run_before_any_step(tmp_p
 
     assert main(["--backends", "eager", "--model", "no_such_model", "--users", "1", "--out", str(out)]) == 1
 
+    assert json.loads((out / "summary.json").read_text())["steps"] == []
+
+
+def test_a_model_that_fails_to_load_fails_the_run_at_once_with_the_reason(tmp_path, caplog):
+    repository = tmp_path / "models.toml"
+    missing = tmp_path / "missing.pt"
+    repository.write_text(f'[models.broken]\narch = "digits_resnet"\ninput_size = 32\nweights = "{missing}"\n')
+    out = tmp_path / "report"
+    argv = ["--backends", "eager", "--model", "broken", "--model-repository", str(repository), "--users", "1"]
+
+    started = time.monotonic()
+    assert main([*argv, "--out", str(out)]) == 1
+
+    # The server reports the load failure within seconds; waiting for readiness would take server.READY_TIMEOUT_S.
+    assert time.monotonic() - started < server.READY_TIMEOUT_S / 2
+    assert "failed to load" in caplog.text and str(missing) in caplog.text
     assert json.loads((out / "summary.json").read_text())["steps"] == []
