@@ -162,7 +162,6 @@ def write_results(
     if summary_columns:
         tables = f"## Summary\n\n{markdown_table(report['summary'], summary_columns)}\n## Rows\n\n{tables}"
     md_path.write_text(f"# {title}\n\n{report['date']}; {header}\n\n{tables}")
-    logger.info("wrote %s and %s", json_path, md_path)
     return [json_path, md_path]
 
 
@@ -185,13 +184,17 @@ def _logged(items: Sequence, description: str) -> Iterable:
 INTERRUPTED = {"status": "interrupted", "reason": "stopped by SIGINT (e.g. timeout -s INT) before the next row"}
 
 
-def collect(rows: Iterable[dict]) -> list[dict]:
+def collect(rows: Iterable[dict], checkpoint: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """The rows of a benchmark generator; on Ctrl-C / SIGINT, those measured so far plus an INTERRUPTED marker row,
-    so that a time-boxed run (the GPU check script) still writes what it measured."""
+    so that a time-boxed run (the GPU check script) still writes what it measured. `checkpoint` gets the rows so far
+    after each one: a process killed outright (SIGINT lands in a compiler that holds on past the time box's grace,
+    then SIGKILL) has then already written them."""
     collected: list[dict] = []
     try:
         for row in rows:
             collected.append(row)
+            if checkpoint is not None:
+                checkpoint(collected)
     except KeyboardInterrupt:
         logger.warning("interrupted after %d rows: writing those", len(collected))
         collected.append(dict(INTERRUPTED))
@@ -285,24 +288,30 @@ def run_and_write(
     summarize: Callable[[list[dict]], list[dict]] | None = None,
     summary_columns: Sequence[Column] = (),
 ) -> None:
-    """Measures `rows` (keeping those done if interrupted), then writes <stem>.json, .md and .png under run.out_dir;
-    `summarize` turns the rows into the report's "summary" rows, shown first in the markdown by `summary_columns`."""
+    """Measures `rows`, rewriting <stem>.json and .md under run.out_dir after each one ("complete": false until the
+    end; an interrupt keeps the rows done), then the .png; `summarize` turns the rows into the report's "summary"
+    rows, shown first in the markdown by `summary_columns`."""
     started = datetime.datetime.now(datetime.UTC)
-    measured = collect(rows)
     dtype_name = str(run.dtype).removeprefix("torch.")
-    report = {
-        "question": question,
-        "date": started.isoformat(timespec="seconds"),
-        "machine": machine(),
-        "device": str(run.device),
-        "dtype": dtype_name,
-        "input_size": run.input_size,
-        "loadavg_after": os.getloadavg(),
-        "complete": not interrupted(measured),
-        "rows": measured,
-    }
-    if summarize is not None:
-        report["summary"] = summarize(measured)
     stem = result_stem(name, run.device, run.dtype, started)
-    write_results(report, columns, run.out_dir, stem, f"{title}, {run.device}, {dtype_name}", summary_columns)
+
+    def write(measured: list[dict], complete: bool) -> list[Path]:
+        report = {
+            "question": question,
+            "date": started.isoformat(timespec="seconds"),
+            "machine": machine(),
+            "device": str(run.device),
+            "dtype": dtype_name,
+            "input_size": run.input_size,
+            "loadavg_after": os.getloadavg(),
+            "complete": complete,
+            "rows": measured,
+        }
+        if summarize is not None:
+            report["summary"] = summarize(measured)
+        title_line = f"{title}, {run.device}, {dtype_name}"
+        return write_results(report, columns, run.out_dir, stem, title_line, summary_columns)
+
+    measured = collect(rows, checkpoint=lambda so_far: write(so_far, complete=False))
+    logger.info("wrote %s", " and ".join(str(path) for path in write(measured, complete=not interrupted(measured))))
     plot(measured, run.out_dir / f"{stem}.png", f"{plot_title}, {run.device}, {dtype_name}")

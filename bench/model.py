@@ -6,6 +6,7 @@ host-device copies count). Backends:
 - eager: the unfused model, NCHW; eager-channels-last: the same, channels_last (what the service's eager backend runs);
 - onnxruntime: float32 only (the service's ONNX Runtime backend);
 - compile: torch.compile (default mode, dynamic=False) of the channels_last eager model, within --compile-budget-s;
+  compile-graphs: the same in mode="reduce-overhead" (CUDA graphs, GPU only): the like-for-like rival of fused-graphs;
 - fused: our Triton kernels (models.fuse), launched one by one; fused-graphs: the service's fused backend, one CUDA
   graph per batch. GPU only: on a CPU those rows say "needs GPU".
 
@@ -44,7 +45,7 @@ from service.backends.base import Backend
 from service.backends.eager import EagerBackend
 
 ARCHES = ("resnet18", "resnet50")
-BACKENDS = ("eager", "eager-channels-last", "onnxruntime", "compile", "fused", "fused-graphs")
+BACKENDS = ("eager", "eager-channels-last", "onnxruntime", "compile", "compile-graphs", "fused", "fused-graphs")
 
 logger = logging.getLogger("bench.model")
 
@@ -79,11 +80,15 @@ def load(
         if dtype != torch.float32:
             raise Skipped("onnxruntime backend computes in float32 only")
         return create_backend("onnxruntime", model, **loading)
-    if kind == "compile":
+    if kind in ("compile", "compile-graphs"):
+        graphs = kind == "compile-graphs"
+        if graphs and device.type != "cuda":
+            raise Skipped("CUDA graphs need a GPU")
         if compile_left <= 0:
             raise Skipped("compile time budget spent (--compile-budget-s)")
         module = model.to(device, dtype, memory_format=torch.channels_last)
-        return ModuleBackend(kind, compile_fresh(module), device, dtype, channels_last=True)
+        options = {"mode": "reduce-overhead"} if graphs else {}
+        return ModuleBackend(kind, compile_fresh(module, **options), device, dtype, channels_last=True)
     if not kernels_run_on(device):
         raise Skipped("needs GPU")
     if kind == "fused":
@@ -134,7 +139,7 @@ def benchmark_rows(
                 row |= bench_ms(lambda backend=backend, x=x: backend.run(x), backend.device, cpu_budget_s=cpu_seconds)
                 row["images_per_s"] = batch / (row["median_ms"] / 1e3)
                 yield row
-            if kind == "compile":
+            if kind.startswith("compile"):
                 compile_left -= time.perf_counter() - started
             del backend
 

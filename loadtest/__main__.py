@@ -31,6 +31,13 @@ def _csv_list(item_type):
     return parse
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def default_backends() -> list[str]:
     import torch  # here: a --host run never needs it
 
@@ -53,12 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--user-classes", type=_csv_list(str), default=["ClassifyUser"],
                         help="locustfile users: ClassifyUser, ModelInferUser")  # fmt: skip
     parser.add_argument("--image-dir", default="", help="JPEG/PNG files for Classify; default: the digits PNGs")
+    parser.add_argument("--locust-processes", type=_positive_int, default=1,
+                        help="Locust processes sharing each step's users (its --processes): one may not saturate a "
+                        "fast server")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("loadtest-report"), help="folder for CSVs, JSON and PNG")
     return parser
 
 
 def _sweep(target: server.Target, backend: str, args: argparse.Namespace) -> list[StepResult]:
-    settings = StepSettings(args.model, args.duration, tuple(args.user_classes), args.image_dir)
+    settings = StepSettings(args.model, args.duration, tuple(args.user_classes), args.image_dir, args.locust_processes)
     results = []
     for users in args.users:
         logger.info("%s: %d users for %d s", backend, users, args.duration)
@@ -108,6 +118,7 @@ def _run_info(args: argparse.Namespace, backends: Sequence[str | None]) -> dict[
         "backends": [backend or args.host for backend in backends],
         "user_classes": args.user_classes,
         "duration_s": args.duration,
+        "locust_processes": args.locust_processes,
         "machine": f"{_cpu_name()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
         # Server and Locust share the CPUs (and with whatever else runs): a high load makes the figures noisy.
         "load_average_at_start": os.getloadavg()[0],

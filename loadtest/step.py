@@ -40,6 +40,7 @@ class StepSettings:
     duration_s: int
     user_classes: tuple[str, ...]
     image_dir: str = ""
+    processes: int = 1  # Locust processes sharing the users: one gevent process tops out on a fast server
 
 
 def locust_command(target: Target, users: int, settings: StepSettings, csv_prefix: Path) -> list[str]:
@@ -47,6 +48,8 @@ def locust_command(target: Target, users: int, settings: StepSettings, csv_prefi
     command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", target.address]
     command += ["--users", str(users), "--spawn-rate", str(users), "--run-time", f"{settings.duration_s}s"]
     command += ["--reset-stats", "--stop-timeout", str(_STOP_TIMEOUT_S), "--only-summary", "--csv", str(csv_prefix)]
+    if settings.processes > 1:
+        command += ["--processes", str(settings.processes)]
     command += ["--model", settings.model, "--image-dir", settings.image_dir, *settings.user_classes]
     return command
 

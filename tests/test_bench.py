@@ -110,12 +110,12 @@ def test_fused_rows_need_a_gpu_without_the_interpreter(untimed, monkeypatch):
 
 
 def test_model_backends_agree_with_eager(untimed):
-    kinds = ["eager", "eager-channels-last", "onnxruntime", "fused", "fused-graphs"]
+    kinds = ["eager", "eager-channels-last", "onnxruntime", "compile-graphs", "fused", "fused-graphs"]
     cpu = torch.device("cpu")
     rows = list(model_bench.benchmark_rows(["resnet18"], [3], kinds, torch.float32, cpu, input_size=32))
     assert [r["backend"] for r in rows] == kinds
     for row in rows:
-        if row["backend"] == "fused-graphs":
+        if row["backend"].endswith("-graphs"):
             assert row["status"] == "skipped" and "GPU" in row["reason"]
             continue
         assert row["status"] == "ok", row
@@ -210,3 +210,24 @@ def test_gpu_check_load_tests_a_model_its_repository_serves_without_downloads():
     # The GPU host has no network: pretrained weights would leave the model not ready and the step would fail.
     assert configs[model].weights == "random"
     assert subprocess.run(["bash", "-n", REPO_ROOT / "bench" / "gpu_check.sh"]).returncode == 0
+
+
+def test_run_and_write_has_every_row_on_disk_before_measuring_the_next(tmp_path):
+    run = common.RunArgs(torch.device("cpu"), torch.float32, ["m"], [1], ["v"], 8, 0.0, 0.0, tmp_path)
+    seen_on_disk = []
+
+    def rows():
+        for n in range(3):
+            written = [json.loads(path.read_text()) for path in tmp_path.glob("*.json")]
+            seen_on_disk.append([(report["complete"], len(report["rows"])) for report in written])
+            yield {"status": "ok", "n": n}
+
+    columns = [common.Column("n", "n")]
+    common.run_and_write(
+        rows(), run, name="t", question="q", columns=columns, title="T", plot=lambda *_: None, plot_title="P"
+    )
+
+    # A time box that kills the process outright (SIGKILL) loses at most the row being measured.
+    assert seen_on_disk == [[], [(False, 1)], [(False, 2)]]
+    (report,) = [json.loads(path.read_text()) for path in tmp_path.glob("*.json")]
+    assert report["complete"] and [row["n"] for row in report["rows"]] == [0, 1, 2]

@@ -16,6 +16,11 @@ ALL_ARCHS = [name for name in models.MODEL_NAMES if name != "digits_resnet"]
 TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 
 
+def dtype_id(dtype: torch.dtype) -> str:
+    """Test ids that name the dtype ("bfloat16", not "dtype2"), so that `-k bfloat16` selects those cases."""
+    return str(dtype).removeprefix("torch.")
+
+
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
@@ -63,7 +68,7 @@ def test_fused_matches_eager_float32(name, batch, height, width):
     check_model_parity(name, torch.float32, torch.randn(batch, 3, height, width), num_classes=10)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("name", ["resnet18", "preact_resnet18"])
 def test_fused_matches_eager_half_precision(name, dtype):
     check_model_parity(name, dtype, torch.randn(3, 3, 40, 48), num_classes=10)
@@ -98,7 +103,7 @@ def test_fuse_rejects_bad_arguments():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch", [1, 32])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("name", ALL_ARCHS)
 def test_fused_matches_eager_at_224_on_gpu(name, dtype, batch):
     check_model_parity(name, dtype, torch.randn(batch, 3, 224, 224, device="cuda"))

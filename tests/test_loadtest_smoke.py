@@ -46,3 +46,14 @@ def test_a_model_that_fails_to_load_fails_the_run_at_once_with_the_reason(tmp_pa
     assert time.monotonic() - started < server.READY_TIMEOUT_S / 2
     assert "failed to load" in caplog.text and str(missing) in caplog.text
     assert json.loads((out / "summary.json").read_text())["steps"] == []
+
+
+def test_locust_processes_share_each_steps_users(tmp_path):
+    out = tmp_path / "report"
+    argv = ["--backends", "eager", "--model", "digits_resnet", "--users", "4", "--duration", "3"]
+
+    assert main([*argv, "--locust-processes", "2", "--out", str(out)]) == 0, (out / "eager_u4_locust.log").read_text()
+
+    (step,) = json.loads((out / "summary.json").read_text())["steps"]
+    assert step["requests"] > 0 and step["failures"] == 0
+    assert "2 workers connected" in (out / "eager_u4_locust.log").read_text()
