@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Everything a GPU host should check, within 8 minutes: versions, the gpu-marked tests, the block and end-to-end
-# benchmarks in bfloat16 at batch 1 and 128 (ResNet-50 and pre-act ResNet-50 blocks, fused against unfused and
-# BN-folded; ResNet-50 then ResNet-18 end to end, torch.compile with and without CUDA graphs among the backends;
-# torch.compile's blocks as far as their budget goes) and a short load test of the fused and eager servers
-# (ResNet-50, bfloat16, loadtest/gpu_repository.toml).
+# benchmarks at batch 1 and 128 (ResNet-50 and pre-act ResNet-50 blocks in bfloat16, ResNet-50's in float16, fused
+# against unfused and BN-folded; ResNet-50 then ResNet-18 end to end in bfloat16, torch.compile with and without
+# CUDA graphs among the backends; torch.compile's blocks as far as their budget goes) and a short load test of the
+# fused and eager servers (ResNet-50, bfloat16, loadtest/gpu_repository.toml).
 # Results (JSON, markdown, PNG where matplotlib is there, Locust CSVs) and one log per step land in OUT_DIR.
 #
 #   PYTHONPATH=. bash bench/gpu_check.sh OUT_DIR        (from the repository root; no pip install needed)
@@ -45,21 +45,23 @@ step() {
 "cudnn", torch.backends.cudnn.version(), "triton", triton.__version__, "card", torch.cuda.get_device_name())'
 } 2>&1 | tee "$out_dir/versions.txt"
 
-bench=(--out-dir "$out_dir" --batch 1 128 --dtype bfloat16)
+bench=(--out-dir "$out_dir" --batch 1 128)
 # In order of importance. The tests run in parallel processes: they are mostly Triton compilation (one binary per
 # layer shape, tile and dtype), which then sits in Triton's cache for the benchmarks; each benchmark autotunes again
 # in its own quiet process. (pytest-benchmark, where installed, only warns under xdist: it is switched off.)
-step pytest_gpu 140 "$python" -m pytest -m gpu -q -p no:cacheprovider -p no:benchmark \
+step pytest_gpu 130 "$python" -m pytest -m gpu -q -p no:cacheprovider -p no:benchmark \
     -n "${GPU_CHECK_TEST_WORKERS:-16}" tests
-step blocks_bf16 70 "$python" -m bench.blocks "${bench[@]}" --arch resnet50 preact_resnet50 \
+step blocks_bf16 65 "$python" -m bench.blocks "${bench[@]}" --dtype bfloat16 --arch resnet50 preact_resnet50 \
     --variants unfused folded fused
-step model_bf16 120 "$python" -m bench.model "${bench[@]}" --arch resnet50 resnet18 \
+step blocks_fp16 30 "$python" -m bench.blocks "${bench[@]}" --dtype float16 --arch resnet50 \
+    --variants unfused folded fused
+step model_bf16 110 "$python" -m bench.model "${bench[@]}" --dtype bfloat16 --arch resnet50 resnet18 \
     --backends eager-channels-last compile compile-graphs fused fused-graphs --compile-budget-s 60
-step blocks_compile_bf16 30 "$python" -m bench.blocks "${bench[@]}" --arch resnet50 \
-    --variants unfused compile compile-max-autotune --compile-budget-s 25
+step blocks_compile_bf16 25 "$python" -m bench.blocks "${bench[@]}" --dtype bfloat16 --arch resnet50 \
+    --variants unfused compile compile-max-autotune --compile-budget-s 20
 if "$python" -c 'import locust' 2>/dev/null; then
-    step loadtest 115 "$python" -m loadtest --model resnet50 --model-repository loadtest/gpu_repository.toml \
-        --backends fused,eager --users 1,16,64 --duration 5 --out "$out_dir/loadtest"
+    step loadtest 95 "$python" -m loadtest --model resnet50 --model-repository loadtest/gpu_repository.toml \
+        --backends fused,eager --users 1,64 --duration 5 --out "$out_dir/loadtest"
 else
     echo "=== loadtest: skipped, Locust is not installed (pip install '.[loadtest]')" | tee "$out_dir/loadtest.log"
 fi

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from loadtest import server
+from loadtest.payloads import write_digits_pngs
 from loadtest.report import plot, write_summary
 from loadtest.step import StepResult, StepSettings, run_step
 from service.repository import DEFAULT_REPOSITORY
@@ -134,6 +135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     backends = [None] if args.host else (args.backends or default_backends())
     run_info = _run_info(args, backends)
+    if "ClassifyUser" in args.user_classes and not args.image_dir:
+        # Written once here, read by every Locust process in milliseconds: making them from scikit-learn's digits
+        # (torch and scikit-learn imports, PNG encoding) takes each process seconds of a busy machine, during which
+        # a short step's users wait in on_start with the clock running.
+        args.image_dir = str(write_digits_pngs(args.out / "digits_images"))
     steps: list[StepResult] = []
     failed = False
     for backend in backends:
@@ -143,6 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             logger.error("%s: %s", backend or args.host, error)
             failed = True
     failed |= any(step.failures or step.locust_exit_code for step in steps)
+    for step in steps:
+        if step.requests == 0:
+            logger.error("%s, %d users: no request completed in %d s", step.backend, step.users, args.duration)
+            failed = True
     summary = write_summary(args.out / "summary.json", steps, run_info)
     logger.info("wrote %s", summary)
     if steps:

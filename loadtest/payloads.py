@@ -16,6 +16,14 @@ def digits_pngs() -> list[bytes]:
     return [to_png(image) for image in test.images]
 
 
+def write_digits_pngs(folder: Path) -> Path:
+    """The digits held-out PNGs as files in `folder` (created), for --image-dir; returns `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, png in enumerate(digits_pngs()):
+        (folder / f"digit_{index:03d}.png").write_bytes(png)
+    return folder
+
+
 def folder_images(folder: Path) -> list[bytes]:
     """The bytes of every JPEG/PNG file directly in `folder` (sorted by name); ValueError when there is none."""
     paths = sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)

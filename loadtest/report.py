@@ -25,12 +25,13 @@ def plot(path: Path, steps: Sequence[StepResult], title: str) -> Path:
     latency_axis, throughput_axis = figure.subplots(1, 2)
     for index, backend in enumerate(dict.fromkeys(step.backend for step in steps)):
         runs = sorted((step for step in steps if step.backend == backend), key=lambda step: step.users)
-        users = [step.users for step in runs]
         colour = f"C{index}"
+        timed = [step for step in runs if step.requests]  # a step without requests has no percentiles
         for field, name, style in _PERCENTILES:
-            latency_axis.plot(users, [getattr(step, field) for step in runs], style, marker="o", color=colour,
-                              label=f"{backend} {name}")  # fmt: skip
-        throughput_axis.plot(users, [step.rps for step in runs], marker="o", color=colour, label=backend)
+            latency_axis.plot([step.users for step in timed], [getattr(step, field) for step in timed], style,
+                              marker="o", color=colour, label=f"{backend} {name}")  # fmt: skip
+        throughput_axis.plot([step.users for step in runs], [step.rps for step in runs], marker="o", color=colour,
+                             label=backend)  # fmt: skip
     all_users = sorted({step.users for step in steps})
     for axis, ylabel in ((latency_axis, "latency (ms)"), (throughput_axis, "requests/s")):
         axis.set_xscale("log", base=2)
@@ -40,7 +41,8 @@ def plot(path: Path, steps: Sequence[StepResult], title: str) -> Path:
         axis.set_ylabel(ylabel)
         axis.grid(True, which="both", alpha=0.3)
         axis.legend(fontsize="small")
-    latency_axis.set_yscale("log")
+    if any(step.requests for step in steps):
+        latency_axis.set_yscale("log")
     figure.suptitle(title)
     figure.savefig(path, dpi=110)
     return path

@@ -27,6 +27,10 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 REQUEST_ID_KEY = "x-request-id"
+# A client's deadline runs from when it sends, ours from when the request arrives: the cancellation a client sends
+# when its deadline passes reaches us with up to the request's transit time still left on our clock (hundreds of ms
+# on a loaded host). A cancellation that close to our deadline is that deadline passing, not the client giving up.
+DEADLINE_SKEW_S = 0.5
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
@@ -72,7 +76,7 @@ class CallScope:
         except asyncio.CancelledError:
             # The client went away or its deadline passed; gRPC has already answered it.
             remaining = context.time_remaining()
-            expired = remaining is not None and remaining <= 0
+            expired = remaining is not None and remaining <= DEADLINE_SKEW_S
             code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
             logger.info("%s %s: %s", method, model, code.name)
             raise

@@ -3,8 +3,11 @@
 import json
 import time
 
+import loadtest.__main__ as loadtest_main
 from loadtest import server
 from loadtest.__main__ import main
+from loadtest.report import plot
+from loadtest.step import StepResult
 
 
 def test_one_step_against_a_real_server_reports_requests_and_no_failure(tmp_path):
@@ -57,3 +60,25 @@ def test_locust_processes_share_each_steps_users(tmp_path):
     (step,) = json.loads((out / "summary.json").read_text())["steps"]
     assert step["requests"] > 0 and step["failures"] == 0
     assert "2 workers connected" in (out / "eager_u4_locust.log").read_text()
+
+
+def _step(users: int, requests: int) -> StepResult:
+    latency = 5.0 if requests else None  # Locust reports no percentiles for a step without requests
+    return StepResult("eager", users, requests, 0, requests / 3, latency, latency, latency, latency,
+                      latency or 0.0, None, 0, f"eager_u{users}")  # fmt: skip
+
+
+def test_a_step_without_requests_fails_the_run_and_still_gets_a_report(tmp_path, monkeypatch, caplog):
+    steps = iter([_step(1, 30), _step(4, 0)])
+    monkeypatch.setattr(server, "wait_ready", lambda target, model: "eager")
+    monkeypatch.setattr(loadtest_main, "run_step", lambda *args: next(steps))
+    out = tmp_path / "report"
+    argv = ["--host", "127.0.0.1:1", "--users", "1,4", "--user-classes", "ModelInferUser", "--out", str(out)]
+
+    assert main(argv) == 1
+
+    assert "eager, 4 users: no request completed" in caplog.text
+    assert [step["requests"] for step in json.loads((out / "summary.json").read_text())["steps"]] == [30, 0]
+    assert (out / "summary.png").read_bytes().startswith(b"\x89PNG")
+    # Also when no step has a latency to draw on the log scale.
+    assert plot(tmp_path / "none.png", [_step(1, 0)], "nothing").read_bytes().startswith(b"\x89PNG")

@@ -107,6 +107,26 @@ def test_expired_deadline_is_deadline_exceeded_and_never_computed(slow_server, i
     assert slow_server.metric("resnet_batch_size_count", model="slow") == batches_before + occupying
 
 
+def test_call_cancelled_by_its_client_is_counted_as_cancelled(slow_server, inference):
+    cancelled_before = slow_server.metric("resnet_requests_total", model="slow", code="CANCELLED")
+    expired_before = slow_server.metric("resnet_requests_total", model="slow", code="DEADLINE_EXCEEDED")
+    occupying = SLOW_QUEUE
+    with ThreadPoolExecutor(occupying) as pool:
+        occupants = [pool.submit(inference.ModelInfer, slow_request(i), timeout=60) for i in range(occupying)]
+        wait_for(lambda: slow_server.metric("resnet_queue_depth", model="slow") == occupying - 1, 30, "queued requests")
+        # Far from its deadline: the client gives up, which is not the deadline passing.
+        call = inference.ModelInfer.future(slow_request(8), timeout=60)
+        wait_for(lambda: slow_server.metric("resnet_queue_depth", model="slow") == occupying, 30, "the call to queue")
+        assert call.cancel()
+        assert all(len(occupant.result().raw_output_contents) == 1 for occupant in occupants)
+    wait_for(
+        lambda: slow_server.metric("resnet_requests_total", model="slow", code="CANCELLED") > cancelled_before,
+        10,
+        "the server to count the cancelled request",
+    )
+    assert slow_server.metric("resnet_requests_total", model="slow", code="DEADLINE_EXCEEDED") == expired_before
+
+
 def test_sigterm_under_load_finishes_in_flight_requests_and_exits_0(tmp_path: Path):
     repository = write_repository(tmp_path / "models.toml", {"slow": SLOW_MODEL})
     server = start_server(tmp_path, "--grace-period", "60", repository=repository, env=CPU_ONLY)
