@@ -294,12 +294,13 @@ def run_and_write(
     started = datetime.datetime.now(datetime.UTC)
     dtype_name = str(run.dtype).removeprefix("torch.")
     stem = result_stem(name, run.device, run.dtype, started)
+    host = machine()  # once: the checkpoints below rewrite the report after every row
 
     def write(measured: list[dict], complete: bool) -> list[Path]:
         report = {
             "question": question,
             "date": started.isoformat(timespec="seconds"),
-            "machine": machine(),
+            "machine": host,
             "device": str(run.device),
             "dtype": dtype_name,
             "input_size": run.input_size,
