@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS=test bash scripts/setup.sh
-# tests/test_deployment.py validates docker-compose.yml with Debian's docker-compose (no Docker engine needed).
+# tests/deploy/test_compose.py validates docker-compose.yml with Debian's docker-compose (no Docker engine needed).
 command -v docker-compose >/dev/null || { apt-get update -qq && apt-get install -y -qq docker-compose >/dev/null; }
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

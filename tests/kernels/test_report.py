@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXPECTED_KERNELS = {"conv_bn_act", "max_pool2d_nhwc", "avgpool_linear"}
 
 

@@ -5,7 +5,7 @@ import subprocess
 import sys
 import textwrap
 
-from service_harness import REPO_ROOT
+from tests.support.server import REPO_ROOT
 
 # A worker joined its master before the init event fires; its heartbeats (one a second, dropped as missing after
 # three) are greenlets, so reading the images must leave the event loop turning. The stand-in reader holds the CPU

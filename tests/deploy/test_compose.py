@@ -25,7 +25,8 @@ import torch
 import yaml
 from packaging.requirements import Requirement
 from prometheus_client.parser import text_string_to_metric_families
-from service_harness import CPU_ONLY, REPO_ROOT, ServerProcess, free_port
+
+from tests.support.server import CPU_ONLY, REPO_ROOT, ServerProcess, free_port
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile"

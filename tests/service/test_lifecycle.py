@@ -19,12 +19,12 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from service_harness import CPU_ONLY, REPO_ROOT, ServerProcess, is_serving, serving, start_server, write_repository
 
 import models
 from models import digits
 from service._proto import classifier_pb2, classifier_pb2_grpc, grpc_service_pb2_grpc
 from service._proto import grpc_service_pb2 as pb
+from tests.support.server import CPU_ONLY, REPO_ROOT, ServerProcess, is_serving, serving, start_server, write_repository
 
 SLOW_SIZE = 320
 SLOW_MODEL = {

@@ -15,7 +15,7 @@ from service.backends import create_backend, resolve_backend_kind
 from service.backends.fused import batch_buckets
 from service.backends.onnx import export_onnx
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
 
 

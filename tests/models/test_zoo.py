@@ -17,7 +17,7 @@ from torch import nn
 from models import digits, pretrained, train_digits
 from models.zoo import MODEL_NAMES, build
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 TORCHVISION_STATE_DICTS = json.loads((DATA / "torchvision_resnet_state_dict.json").read_text())
 TORCHVISION_URLS = json.loads((DATA / "torchvision_resnet_weights.json").read_text())
 

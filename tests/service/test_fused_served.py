@@ -10,11 +10,11 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from service_harness import is_serving, serving, start_server, write_repository
 
 import models
 from models import digits
 from service._proto import classifier_pb2, classifier_pb2_grpc
+from tests.support.server import is_serving, serving, start_server, write_repository
 
 DIGITS_FUSED = {
     "arch": "digits_resnet", "weights": "pretrained", "input_size": digits.INPUT_SIZE, "backend": "fused",

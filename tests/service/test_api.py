@@ -23,12 +23,12 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from PIL import Image
-from service_harness import CPU_ONLY, REPO_ROOT, ServerProcess, serving, write_repository
 
 import models
 from models import digits
 from service._proto import classifier_pb2, classifier_pb2_grpc, grpc_service_pb2_grpc
 from service._proto import grpc_service_pb2 as pb
+from tests.support.server import CPU_ONLY, REPO_ROOT, ServerProcess, serving, write_repository
 
 MAX_MESSAGE_BYTES = 1_000_000
 SMALL_SIZE = 48  # resnet18_small's input
@@ -231,7 +231,7 @@ def test_tritonclient_works_unchanged(server, tmp_path, small_eager, digits_eage
     }
     np.savez(tmp_path / "inputs.npz", **inputs)
     completed = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "tests" / "tritonclient_probe.py"), server.address,
+        [sys.executable, str(REPO_ROOT / "tests" / "support" / "tritonclient_probe.py"), server.address,
          str(tmp_path / "inputs.npz"), str(tmp_path / "outputs.npz")],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip

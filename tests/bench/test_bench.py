@@ -11,12 +11,12 @@ import subprocess
 
 import pytest
 import torch
-from service_harness import REPO_ROOT
 
 import models
 from bench import blocks, common
 from bench import model as model_bench
 from service.repository import load_repository
+from tests.support.server import REPO_ROOT
 
 
 def _call_once(fn, device, **_):
