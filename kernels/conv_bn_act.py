@@ -15,6 +15,7 @@ import triton.language as tl
 from kernels import conv_configs
 from kernels._common import SUPPORTED_DTYPES, TRITON_TYPE_NAMES, CompileCase, check_tensor, interpreting
 from kernels._interpreter import round_to_bfloat16
+from kernels.autotune import autotune
 
 # Input channel counts below this take the flattened reduction (the C = 3 stem): one BLOCK_K step per tap
 # would leave most of the tensor-core tile padding.
@@ -155,9 +156,8 @@ def _conv_bn_act_kernel(
 def _autotuned_kernel(dtype: torch.dtype, allow_tf32: bool) -> triton.runtime.Autotuner:
     """One autotuner per operand kind: tensor-core tiles and FMA tiles are different candidate lists."""
     configs = conv_configs.autotune_configs(dtype, allow_tf32)
-    return triton.autotune(configs=configs, key=conv_configs.AUTOTUNE_KEY, do_bench=conv_configs.time_candidate)(
-        _conv_bn_act_kernel
-    )
+    name = f"conv_bn_act {TRITON_TYPE_NAMES[dtype]}{' tf32' if allow_tf32 else ''}"
+    return autotune(name, configs, conv_configs.AUTOTUNE_KEY)(_conv_bn_act_kernel)
 
 
 def pack_conv_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

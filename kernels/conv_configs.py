@@ -9,23 +9,14 @@ tensor-core dtypes (checked with `python -m kernels.report`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-
 import torch
 import triton
-import triton.testing
 
 # Autotuning re-runs for every new value of these launcher arguments. M_LOG2 buckets N·P·Q by powers of two so
 # that every batch size does not trigger its own tuning run.
 AUTOTUNE_KEY = ["M_LOG2", "C", "K", "R", "S"]
 
 GROUP_SIZE_M = 8
-
-# Milliseconds that autotuning spends warming up and timing each candidate. Triton's default (25 + 100) makes a
-# served ResNet-50 tune ~25 layer shapes x 5 tiles for every batch-size bucket (M_LOG2) at start-up, minutes in all;
-# a ResNet layer runs in 5 us to 2 ms, so 20 ms still averages at least ten launches.
-AUTOTUNE_WARMUP_MS = 5
-AUTOTUNE_REP_MS = 20
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) for 16-bit operands on the tensor cores. 128-row tiles take
 # 8 warps: with 4, the 3x3 prologue variant needs 234 registers and the stem spills; 128x256 spills with a residual.
@@ -78,11 +69,6 @@ def autotune_configs(dtype: torch.dtype = torch.float16, allow_tf32: bool = Fals
         )
         for bm, bn, bk, stages, warps in tiles
     ]
-
-
-def time_candidate(kernel_call: Callable[[], None], quantiles: Sequence[float]) -> list[float]:
-    """The autotuner's benchmark: Triton's do_bench (L2 flushed between launches) with the shorter budget above."""
-    return triton.testing.do_bench(kernel_call, warmup=AUTOTUNE_WARMUP_MS, rep=AUTOTUNE_REP_MS, quantiles=quantiles)
 
 
 def describe(config: triton.Config) -> str:
