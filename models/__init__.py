@@ -1,6 +1,7 @@
-"""ResNet models: eager definitions (torchvision state-dict compatible), weights, and the fused Triton version.
+"""ResNet models: eager definitions (torchvision state-dict compatible), weights, how each takes its input, and the
+fused Triton version.
 
-`build` and `fuse` are the package's contract (DESIGN.md, contracts 1 and 2).
+`build` and `fuse` are the package's contract (docs/ARCHITECTURE.md, contracts 1 and 2).
 """
 
 from __future__ import annotations
@@ -8,17 +9,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.zoo import MODEL_NAMES, build
+from models.errors import FusedUnavailableError
+from models.inputs import InputSpec
+from models.zoo import MODEL_NAMES, build, input_spec
 
-__all__ = ["MODEL_NAMES", "build", "fuse"]
+__all__ = ["MODEL_NAMES", "FusedUnavailableError", "InputSpec", "build", "fuse", "input_spec"]
 
 
-def fuse(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+def fuse(model: nn.Module, dtype: torch.dtype = torch.float32, *, allow_tf32: bool = False) -> nn.Module:
     """`model` (from `build`) rebuilt on the fused Triton kernels; forward: NCHW float32 -> float32 logits [N, classes].
 
+    allow_tf32 (float32 only): the convolutions may multiply on TF32 tensor cores. Raises FusedUnavailableError where
+    the kernels cannot run (no CUDA device and no TRITON_INTERPRET=1), ValueError for arguments it cannot fuse.
     The kernels are imported here, not with the package, because Triton decides at import whether to interpret
     (TRITON_INTERPRET=1): serving eager or ONNX Runtime never imports them.
     """
     from models.fused import fuse as _fuse
 
-    return _fuse(model, dtype)
+    return _fuse(model, dtype, allow_tf32=allow_tf32)

@@ -1,7 +1,8 @@
 """The digits data path, shared by training and serving so that served accuracy equals the measured one.
 
 Data: scikit-learn's `load_digits`, 1797 real 8x8 scans of handwritten digits (UCI), intensities 0..16, split once
-with a fixed seed. Serving receives PNG bytes; `preprocess` turns any decoded PIL image into the model's input.
+with a fixed seed. Serving receives PNG bytes; `preprocess` turns any decoded PIL image into the model's input, by
+the grayscale recipe of `INPUT` (models/inputs.py), which serving applies too.
 """
 
 import io
@@ -11,10 +12,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from models.inputs import InputSpec, prepare_image
+
 INPUT_SIZE = 32
 # Of the training split after the resize to 32x32, intensities in [0, 1] (computed once; fixed so they never drift).
 MEAN = 0.3057
 STD = 0.3235
+INPUT = InputSpec(INPUT_SIZE, grayscale=True, resize=INPUT_SIZE, mean=(MEAN,) * 3, std=(STD,) * 3)
 _SPLIT_SEED = 0
 _TEST_FRACTION = 0.2
 
@@ -49,9 +53,7 @@ def to_png(image: np.ndarray) -> bytes:
 
 def preprocess(image: Image.Image) -> torch.Tensor:
     """Any PIL image -> [3, 32, 32] float32: grayscale, bilinear resize, normalised, replicated to RGB."""
-    gray = image.convert("L").resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BILINEAR)
-    pixels = (np.asarray(gray, dtype=np.float32) / 255.0 - MEAN) / STD
-    return torch.from_numpy(pixels).expand(3, -1, -1).contiguous()
+    return prepare_image(image, INPUT)
 
 
 def preprocess_images(images: np.ndarray) -> torch.Tensor:

@@ -10,10 +10,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels._common import SUPPORTED_DTYPES, interpreting
-from kernels.avgpool_linear import avgpool_linear, pack_linear_weight
-from kernels.conv_bn_act import conv_bn_act, pack_conv_weight
-from kernels.maxpool import max_pool2d_nhwc
+from kernels import (
+    SUPPORTED_DTYPES,
+    avgpool_linear,
+    conv_bn_act,
+    interpreting,
+    max_pool2d_nhwc,
+    pack_conv_weight,
+    pack_linear_weight,
+)
+from models.errors import FusedUnavailableError
 from models.folding import bn_scale_shift, fold_conv_bn
 from models.preact_resnet import PreActBasicBlock, PreActBottleneck, PreActResNet
 from models.resnet import BasicBlock, Bottleneck, ResNet
@@ -23,6 +29,7 @@ class FusedConv(nn.Module):
     """One convolution with its folded BatchNorm, optional input prologue, and a fixed activation.
 
     Holds the packed weight [R*S*C, K] in the compute dtype and the float32 bias [K]; `forward` is one kernel launch.
+    allow_tf32 (float32 only): the kernel may multiply on TF32 tensor cores instead of the IEEE float32 dot.
     """
 
     def __init__(
@@ -33,6 +40,7 @@ class FusedConv(nn.Module):
         *,
         relu: bool,
         prologue_bn: nn.BatchNorm2d | None = None,
+        allow_tf32: bool = False,
     ) -> None:
         super().__init__()
         weight, bias = fold_conv_bn(conv, bn)
@@ -49,6 +57,7 @@ class FusedConv(nn.Module):
         self.stride = conv.stride
         self.padding = conv.padding
         self.relu = relu
+        self.allow_tf32 = allow_tf32
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         # x: [N, H, W, C] -> [N, P, Q, K]
@@ -63,6 +72,7 @@ class FusedConv(nn.Module):
             relu=self.relu,
             prologue_scale=self.prologue_scale,
             prologue_shift=self.prologue_shift,
+            allow_tf32=self.allow_tf32,
         )
 
 
@@ -129,20 +139,20 @@ class FusedResNet(nn.Module):
         )
 
 
-def _fuse_v1_block(block: BasicBlock | Bottleneck, dtype: torch.dtype) -> FusedBlock:
+def _fuse_v1_block(block: BasicBlock | Bottleneck, dtype: torch.dtype, allow_tf32: bool) -> FusedBlock:
     # conv -> BN -> ReLU for every conv but the last, whose epilogue adds the shortcut before the ReLU.
     pairs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
     if isinstance(block, Bottleneck):
         pairs.append((block.conv3, block.bn3))
-    convs = [FusedConv(conv, bn, dtype, relu=True) for conv, bn in pairs]
+    convs = [FusedConv(conv, bn, dtype, relu=True, allow_tf32=allow_tf32) for conv, bn in pairs]
     shortcut = None
     if block.downsample is not None:
         ds_conv, ds_bn = block.downsample
-        shortcut = FusedConv(ds_conv, ds_bn, dtype, relu=False)
+        shortcut = FusedConv(ds_conv, ds_bn, dtype, relu=False, allow_tf32=allow_tf32)
     return FusedBlock(convs, shortcut)
 
 
-def _fuse_v2_block(block: PreActBasicBlock | PreActBottleneck, dtype: torch.dtype) -> FusedBlock:
+def _fuse_v2_block(block: PreActBasicBlock | PreActBottleneck, dtype: torch.dtype, allow_tf32: bool) -> FusedBlock:
     # v2: out = conv1(relu(bn1(x))); conv2(relu(bn2(.))) ...; + shortcut, no ReLU after the add.
     # relu(bn1(x)) is the first conv's (and the downsample's) input prologue; every later BN+ReLU follows a conv
     # whose output feeds nothing else, so it folds into that conv's epilogue.
@@ -152,41 +162,52 @@ def _fuse_v2_block(block: PreActBasicBlock | PreActBottleneck, dtype: torch.dtyp
     else:
         convs_and_next_bn.append((block.conv2, None))
     convs = [
-        FusedConv(conv, next_bn, dtype, relu=next_bn is not None, prologue_bn=block.bn1 if i == 0 else None)
+        FusedConv(
+            conv,
+            next_bn,
+            dtype,
+            relu=next_bn is not None,
+            prologue_bn=block.bn1 if i == 0 else None,
+            allow_tf32=allow_tf32,
+        )
         for i, (conv, next_bn) in enumerate(convs_and_next_bn)
     ]
     shortcut = None
     if block.downsample is not None:
-        shortcut = FusedConv(block.downsample, None, dtype, relu=False, prologue_bn=block.bn1)
+        shortcut = FusedConv(block.downsample, None, dtype, relu=False, prologue_bn=block.bn1, allow_tf32=allow_tf32)
     return FusedBlock(convs, shortcut)
 
 
-def fuse(model: nn.Module, dtype: torch.dtype = torch.float32) -> FusedResNet:
+def fuse(model: nn.Module, dtype: torch.dtype = torch.float32, *, allow_tf32: bool = False) -> FusedResNet:
     """The same function as `model` (a ResNet or PreActResNet from models.build), built on the Triton kernels.
 
     BN is folded and weights are packed here, once. The result lives on the model's device; on a CPU it runs only
-    under TRITON_INTERPRET=1 (set before the kernels are first imported).
+    under TRITON_INTERPRET=1 (set before the kernels are first imported), and FusedUnavailableError says so.
+    allow_tf32 (float32 only): every convolution may multiply on TF32 tensor cores (a GPU's; the interpreter computes
+    IEEE float32 whatever it is told).
     """
     if not isinstance(model, ResNet | PreActResNet):
         raise ValueError(f"fuse expects a ResNet or PreActResNet from models.build, got {type(model).__name__}")
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype must be one of float32, float16, bfloat16, got {dtype}")
+    if allow_tf32 and dtype != torch.float32:
+        raise ValueError(f"allow_tf32 applies to float32 only, not {dtype}")
     if model.training:
         raise ValueError("fuse folds BatchNorm running statistics: call model.eval() first")
     device = model.fc.weight.device
     if device.type != "cuda" and not interpreting():
-        raise ValueError(
+        raise FusedUnavailableError(
             f"the model is on {device}: fused kernels need a CUDA device, or TRITON_INTERPRET=1 set before "
             "the first import of kernels to run them (slowly) on the CPU"
         )
     layers = [model.layer1, model.layer2, model.layer3, model.layer4]
     if isinstance(model, PreActResNet):
-        blocks = [_fuse_v2_block(block, dtype) for layer in layers for block in layer]
+        blocks = [_fuse_v2_block(block, dtype, allow_tf32) for layer in layers for block in layer]
         head_bn = model.bn_final
     else:
-        blocks = [_fuse_v1_block(block, dtype) for layer in layers for block in layer]
+        blocks = [_fuse_v1_block(block, dtype, allow_tf32) for layer in layers for block in layer]
         head_bn = None
-    stem = FusedConv(model.conv1, model.bn1, dtype, relu=True)
+    stem = FusedConv(model.conv1, model.bn1, dtype, relu=True, allow_tf32=allow_tf32)
     maxpool = model.maxpool if isinstance(model.maxpool, nn.MaxPool2d) else None
     if maxpool is not None and (maxpool.ceil_mode or maxpool.dilation not in (1, (1, 1))):
         raise ValueError("the fused max pool implements floor mode without dilation only")

@@ -1,4 +1,5 @@
-"""`build(name, weights, seed, num_classes)`: every architecture by name, with random, published or file weights.
+"""The model registry: `build(name, weights, seed, num_classes)` for every architecture by name, with random, published
+or file weights, and `input_spec(name, input_size)`, how each one's input is prepared from an image.
 
 Random weights are meant for parity tests of the fused model, so they exercise what BatchNorm folding gets wrong:
 every BatchNorm has running statistics and affine parameters well away from the trivial 0/1. They also keep
@@ -14,7 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models import preact_resnet, pretrained, resnet
+from models import digits, preact_resnet, pretrained, resnet
+from models.inputs import InputSpec, imagenet_input
 from models.preact_resnet import PreActBasicBlock, PreActBottleneck, PreActResNet
 from models.resnet import BasicBlock, Bottleneck, ResNet
 
@@ -37,6 +39,10 @@ _BRANCH_TAILS: dict[type[nn.Module], str] = {
     PreActBottleneck: "conv3",
 }
 _BRANCH_TAIL_SCALE = 0.2
+
+# Models trained here on their own data take that data's recipe at the size they were trained at; every other model
+# takes ImageNet's at any size.
+_FIXED_INPUTS: dict[str, InputSpec] = {"digits_resnet": digits.INPUT}
 
 
 def build(name: str, weights: str | os.PathLike = "random", seed: int = 0, num_classes: int | None = None) -> nn.Module:
@@ -73,6 +79,19 @@ def build(name: str, weights: str | os.PathLike = "random", seed: int = 0, num_c
             )
         _load_state_dict(model, torch.load(path, map_location="cpu", weights_only=True), str(path))
     return model.eval()
+
+
+def input_spec(name: str, input_size: int) -> InputSpec:
+    """How model `name` (one of MODEL_NAMES) served at `input_size` takes an image; ValueError for an unknown name or
+    a size the model was not trained at."""
+    if name not in _ARCHITECTURES:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
+    fixed = _FIXED_INPUTS.get(name)
+    if fixed is None:
+        return imagenet_input(input_size)
+    if input_size != fixed.input_size:
+        raise ValueError(f"{name} takes {fixed.input_size}x{fixed.input_size} inputs, not {input_size}")
+    return fixed
 
 
 @torch.no_grad()
