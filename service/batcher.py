@@ -14,7 +14,7 @@ import collections
 import concurrent.futures
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -69,6 +69,10 @@ class DynamicBatcher:
     ``run_batch``: float32 [N, 3, H, W] -> logits [N, classes], N <= max_batch_size; called from one executor thread
     at a time. ``max_queue_size`` counts queued requests (not rows). ``on_batch(batch_size, queue_us, compute_us)``
     is called on the event loop after each batch, with the longest queue wait in that batch.
+
+    ``preferred_batch_sizes``: the backend's (service/backends/base.py), ascending, each at most max_batch_size.
+    The batcher holds them for a batching policy to aim at; today's policy ignores them and forms batches as
+    described above (with max_batch_size 32 and the fused backend's buckets, a batch of 17 computes 32 rows).
     """
 
     def __init__(
@@ -81,13 +85,18 @@ class DynamicBatcher:
         executor: concurrent.futures.Executor | None = None,
         name: str = "",
         on_batch: Callable[[int, int, int], None] | None = None,
+        preferred_batch_sizes: Sequence[int] = (),
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_us < 0:
             raise ValueError(
                 f"need max_batch_size >= 1, max_queue_size >= 1, max_queue_delay_us >= 0; got "
                 f"{max_batch_size}, {max_queue_size}, {max_queue_delay_us}"
             )
+        preferred = tuple(preferred_batch_sizes)
+        if list(preferred) != sorted(set(preferred)) or not all(1 <= size <= max_batch_size for size in preferred):
+            raise ValueError(f"preferred_batch_sizes must ascend within 1..{max_batch_size}, got {preferred}")
         self._run_batch = run_batch
+        self.preferred_batch_sizes = preferred
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_us / 1e6
         self.max_queue_size = max_queue_size

@@ -1,4 +1,4 @@
-"""`python -m service`: the server's command line (DESIGN.md contract 4). Every flag can also come from the
+"""`python -m service`: the server's command line (docs/ARCHITECTURE.md contract 4). Every flag can also come from the
 environment as RESNET_SERVE_<FLAG> (e.g. --metrics-port: RESNET_SERVE_METRICS_PORT); a flag given wins.
 """
 
@@ -9,8 +9,9 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from service.backends.base import BACKEND_CHOICES
 from service.log import configure_logging
-from service.repository import BACKEND_KINDS, DEFAULT_REPOSITORY, RepositoryError
+from service.repository import DEFAULT_REPOSITORY, RepositoryError
 from service.server import ServerSettings, ServerStartError, serve
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ _FLAGS = (
     ("--metrics-port", _port, _DEFAULTS.metrics_port, "Prometheus /metrics HTTP port; 0 disables it"),
     (
         "--backend",
-        _one_of(BACKEND_KINDS),
+        _one_of(BACKEND_CHOICES),
         _DEFAULTS.backend,
         "auto, eager, fused or onnxruntime; auto: fused on CUDA, else onnxruntime",
     ),

@@ -1,21 +1,23 @@
-"""The model repository (DESIGN.md contract 5): a TOML file with one `[models.NAME]` table per served model.
+"""The model repository (docs/ARCHITECTURE.md contract 5): a TOML file with one `[models.NAME]` table per served model.
 
-Parsing checks names, types and ranges only, so a typo stops the server at start with a clear message. Whatever
-needs files or the network (weights, label files) is left to loading, where a failure marks just that model not
-ready. Relative paths are relative to the TOML file.
+This is the boundary where the file's strings become typed values, once: `load_repository` returns validated
+`ModelConfig` entries, and nothing past it parses a repository string again. Parsing checks names, types and ranges
+only, so a typo stops the server at start with a clear message. Whatever needs files or the network (weights, label
+files) is left to loading, where a failure marks just that model not ready. Relative paths are relative to the TOML
+file.
 """
 
 import re
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import models
+from models.precision import FLOAT32, PRECISIONS, Precision, parse_precision
+from service.backends.base import AUTO_BACKEND, BACKEND_CHOICES
 
 DEFAULT_REPOSITORY = Path(str(resources.files("service").joinpath("default_repository.toml")))
-BACKEND_KINDS = ("auto", "eager", "fused", "onnxruntime")
-COMPUTE_DTYPES = ("float32", "float16", "bfloat16")  # float16/bfloat16: eager or fused on a GPU
 BUILTIN_LABELS = ("imagenet",)
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -26,7 +28,9 @@ class RepositoryError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """One served model. `backend` and `max_queue_size` default to the server's flags when None."""
+    """One served model, as validated from its repository table. `backend` and `max_queue_size` default to the
+    server's flags when None. `precision` is the table's `dtype`: float16, bfloat16 (eager or fused on a GPU) and tf32
+    (fused on a GPU) besides float32."""
 
     name: str
     arch: str
@@ -37,9 +41,9 @@ class ModelConfig:
     max_queue_delay_us: int = 2000
     num_classes: int | None = None
     seed: int = 0
-    backend: str | None = None
+    backend: str | None = None  # one of BACKEND_CHOICES
     max_queue_size: int | None = None
-    dtype: str = "float32"
+    precision: Precision = FLOAT32
 
 
 _STRING_KEYS = {"arch", "weights", "labels", "backend", "dtype"}
@@ -51,7 +55,7 @@ _INT_MINIMUMS = {
     "seed": 0,
     "max_queue_size": 1,
 }
-_KNOWN_KEYS = {f.name for f in fields(ModelConfig)} - {"name"}
+_KNOWN_KEYS = _STRING_KEYS | set(_INT_MINIMUMS)
 
 
 def load_repository(path: Path) -> list[ModelConfig]:
@@ -90,14 +94,16 @@ def _parse_model(name: str, table: object, base_dir: Path) -> ModelConfig:
             raise RepositoryError(f"{where}: {key} must be an integer >= {_INT_MINIMUMS[key]}, got {value!r}")
     if table["arch"] not in models.MODEL_NAMES:
         raise RepositoryError(f"{where}: unknown arch {table['arch']!r}; known: {', '.join(models.MODEL_NAMES)}")
-    if table.get("backend", "auto") not in BACKEND_KINDS:
-        raise RepositoryError(f"{where}: backend must be one of {', '.join(BACKEND_KINDS)}")
-    if table.get("dtype", "float32") not in COMPUTE_DTYPES:
-        raise RepositoryError(f"{where}: dtype must be one of {', '.join(COMPUTE_DTYPES)}")
+    if table.get("backend", AUTO_BACKEND) not in BACKEND_CHOICES:
+        raise RepositoryError(f"{where}: backend must be one of {', '.join(BACKEND_CHOICES)}")
 
     values = dict(table)
+    try:
+        precision = parse_precision(values.pop("dtype", FLOAT32.name))
+    except ValueError:
+        raise RepositoryError(f"{where}: dtype must be one of {', '.join(PRECISIONS)}") from None
     if values.get("weights", "pretrained") not in ("pretrained", "random"):
         values["weights"] = str(base_dir / values["weights"])
     if values.get("labels") is not None and values["labels"] not in BUILTIN_LABELS:
         values["labels"] = str(base_dir / values["labels"])
-    return ModelConfig(name=name, **values)
+    return ModelConfig(name=name, precision=precision, **values)

@@ -1,7 +1,10 @@
 """What every RPC shares: a request id (logs and trailing metadata), metrics, and exceptions mapped to status codes.
 
-The mapping is DESIGN.md contract 6. A client's mistake always maps to a specific code; only a bug of ours yields
-INTERNAL, logged with its traceback and answered with the request id (never the exception text) so it can be found.
+Every handler goes through one path: a servicer method decorated with `@rpc_handler(...)` runs inside the servicer's
+`CallScope`, which is where exceptions become status codes, as KServe's servicers hand every call to one data plane.
+The mapping is docs/ARCHITECTURE.md contract 6. A client's mistake always maps to a specific code; only a bug of ours
+yields INTERNAL, logged with its traceback and answered with the request id (never the exception text) so it can be
+found.
 """
 
 import asyncio
@@ -13,7 +16,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import grpc
 
@@ -26,6 +29,8 @@ from service.preprocess import ImageTooLargeError, InvalidImageError
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+RequestT = TypeVar("RequestT")
+ResponseT = TypeVar("ResponseT")
 REQUEST_ID_KEY = "x-request-id"
 # A client's deadline runs from when it sends, ours from when the request arrives: the cancellation a client sends
 # when its deadline passes reaches us with up to the request's transit time still left on our clock (hundreds of ms
@@ -86,6 +91,35 @@ class CallScope:
             self._metrics.record_request(model_label, method, code.name, time.perf_counter() - started)
             request_id_var.reset(token)
         await context.abort(code, message)  # raises: the RPC ends with this status
+
+
+class ScopedServicer(Protocol):
+    """A servicer whose handlers run in `call_scope` (the one the server gives all its servicers)."""
+
+    call_scope: CallScope
+
+
+ServicerT = TypeVar("ServicerT", bound=ScopedServicer)
+Handler = Callable[[ServicerT, RequestT, grpc.aio.ServicerContext], Awaitable[ResponseT]]
+
+
+def rpc_handler(
+    model_of: Callable[[RequestT], str] | None = None,
+) -> Callable[[Handler[ServicerT, RequestT, ResponseT]], Handler[ServicerT, RequestT, ResponseT]]:
+    """Decorates a servicer's RPC method so that it runs in the servicer's CallScope, under the method's name and
+    the model `model_of(request)` names (none when not given): the one error-mapping path of every handler."""
+
+    def decorate(handler: Handler[ServicerT, RequestT, ResponseT]) -> Handler[ServicerT, RequestT, ResponseT]:
+        method = handler.__name__
+
+        @functools.wraps(handler)
+        async def scoped(servicer: ServicerT, request: RequestT, context: grpc.aio.ServicerContext) -> ResponseT:
+            model = "" if model_of is None else model_of(request)
+            return await servicer.call_scope.run(method, model, context, lambda: handler(servicer, request, context))
+
+        return scoped
+
+    return decorate
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:

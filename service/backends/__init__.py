@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from service.backends.base import (
+    BACKEND_CHOICES,
     BACKEND_KINDS,
     Backend,
     BackendUnavailableError,
@@ -20,7 +21,14 @@ from service.backends.base import (
     resolve_backend_kind,
 )
 
-__all__ = ["BACKEND_KINDS", "Backend", "BackendUnavailableError", "create_backend", "resolve_backend_kind"]
+__all__ = [
+    "BACKEND_CHOICES",
+    "BACKEND_KINDS",
+    "Backend",
+    "BackendUnavailableError",
+    "create_backend",
+    "resolve_backend_kind",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -33,17 +41,22 @@ def create_backend(
     max_batch_size: int,
     device: torch.device | None = None,
     dtype: torch.dtype = torch.float32,
+    allow_tf32: bool = False,
 ) -> Backend:
     """Load `model` (from models.build, eval mode; the backend takes ownership) into backend `kind`, warmed up.
 
     Blocking (exports, compiles, captures CUDA graphs, runs warm-up batches): call it off the event loop.
     `device` defaults to CUDA when available. `dtype` is the compute dtype for eager and fused (float16 and bfloat16
-    on a GPU); onnxruntime computes in float32 only. Raises BackendUnavailableError when the backend cannot run here.
+    on a GPU); onnxruntime computes in float32 only. `allow_tf32` (float32, fused only): the fused convolutions may
+    multiply on TF32 tensor cores; eager would have to switch TF32 on for the whole process (torch.backends flags),
+    so it refuses. Raises BackendUnavailableError when the backend cannot run here, ValueError for a dtype it lacks.
     """
     kind = resolve_backend_kind(kind)
     device = torch.device(device) if device is not None else default_device()
     if max_batch_size < 1 or input_size < 1:
         raise ValueError(f"need max_batch_size >= 1 and input_size >= 1, got {max_batch_size} and {input_size}")
+    if allow_tf32 and (kind != "fused" or dtype != torch.float32):
+        raise ValueError(f"tf32 is a float32 mode of the fused backend only, not of {kind} {dtype}")
     started = time.perf_counter()
     if kind == "eager":
         from service.backends.eager import EagerBackend
@@ -52,7 +65,14 @@ def create_backend(
     elif kind == "fused":
         from service.backends.fused import FusedBackend
 
-        backend = FusedBackend(model, input_size=input_size, max_batch_size=max_batch_size, device=device, dtype=dtype)
+        backend = FusedBackend(
+            model,
+            input_size=input_size,
+            max_batch_size=max_batch_size,
+            device=device,
+            dtype=dtype,
+            allow_tf32=allow_tf32,
+        )
     else:
         if dtype != torch.float32:
             raise ValueError(f"the onnxruntime backend computes in float32 only, not {dtype}")

@@ -6,7 +6,10 @@ from typing import Protocol
 
 import torch
 
+# The one list of backend kinds; "auto" (a flag's or a repository entry's value) resolves to one of them.
 BACKEND_KINDS = ("eager", "fused", "onnxruntime")
+AUTO_BACKEND = "auto"
+BACKEND_CHOICES = (AUTO_BACKEND, *BACKEND_KINDS)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -19,21 +22,26 @@ class Backend(Protocol):
     ``run`` takes float32 [n, 3, H, W] on the CPU (1 <= n <= max_batch_size) and returns float32 logits
     [n, classes] on the CPU. It is called from one executor thread at a time (backends are not re-entrant) and
     enters torch.inference_mode() itself, since that mode is thread-local.
+
+    ``preferred_batch_sizes``: ascending batch sizes this backend computes without waste, where some sizes cost the
+    same as a larger one (the fused backend's CUDA graphs: a batch runs padded to the next captured size); empty when
+    every size costs what its rows cost. The batcher is given them (service/batcher.py).
     """
 
-    name: str  # "eager" | "fused" | "onnxruntime"
+    name: str  # one of BACKEND_KINDS
     device: torch.device
     dtype: torch.dtype  # compute dtype
+    preferred_batch_sizes: tuple[int, ...]
 
     def run(self, batch: torch.Tensor) -> torch.Tensor: ...
 
 
 def resolve_backend_kind(kind: str) -> str:
     """ "auto" -> "fused" on CUDA, else "onnxruntime"; any other kind is checked and returned as is."""
-    if kind == "auto":
+    if kind == AUTO_BACKEND:
         return "fused" if torch.cuda.is_available() else "onnxruntime"
     if kind not in BACKEND_KINDS:
-        raise ValueError(f"unknown backend {kind!r}; choose one of auto, {', '.join(BACKEND_KINDS)}")
+        raise ValueError(f"unknown backend {kind!r}; choose one of {', '.join(BACKEND_CHOICES)}")
     return kind
 
 

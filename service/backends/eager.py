@@ -17,6 +17,7 @@ class EagerBackend:
     """
 
     name = "eager"
+    preferred_batch_sizes: tuple[int, ...] = ()  # oneDNN and cuDNN cost what the rows cost
 
     def __init__(
         self,

@@ -7,7 +7,7 @@ import logging
 import torch
 from torch import nn
 
-from kernels._common import interpreting
+import models
 from service.backends.base import BackendUnavailableError, warm_up_batch
 
 logger = logging.getLogger(__name__)
@@ -22,8 +22,9 @@ def batch_buckets(max_batch_size: int) -> list[int]:
 class FusedBackend:
     """On CUDA every bucket's forward is captured once as a CUDA graph: a batch of n rows is copied into the
     smallest bucket >= n (rows past n keep stale, finite data: each row's logits depend on that row alone) and the
-    graph is replayed, with no Python or launch overhead per kernel. On a CPU it needs TRITON_INTERPRET=1 (set before
-    the kernels are imported) and runs un-graphed, slowly: a correctness path, not a serving one.
+    graph is replayed, with no Python or launch overhead per kernel, and the buckets are its preferred batch sizes. On a
+    CPU it needs TRITON_INTERPRET=1 (set before the kernels are imported) and runs un-graphed, slowly: a correctness
+    path, not a serving one.
     """
 
     name = "fused"
@@ -36,21 +37,21 @@ class FusedBackend:
         max_batch_size: int,
         device: torch.device,
         dtype: torch.dtype = torch.float32,
+        allow_tf32: bool = False,
     ) -> None:
-        if device.type != "cuda" and not interpreting():
-            raise BackendUnavailableError(
-                "the fused backend runs its Triton kernels on a CUDA GPU and none is available; on a CPU it runs "
-                "only under the Triton interpreter (set TRITON_INTERPRET=1 before starting: correct but very slow). "
-                "Use --backend onnxruntime or eager on this machine."
-            )
-        import models  # here, not at module import: models.fuse imports the kernels, which fixes interpret mode
-
         self.device = device
         self.dtype = dtype
-        self._module = models.fuse(model.eval().to(device), dtype)
+        try:
+            self._module = models.fuse(model.eval().to(device), dtype, allow_tf32=allow_tf32)
+        except models.FusedUnavailableError as error:
+            raise BackendUnavailableError(
+                f"the fused backend cannot run here: {error}. Use --backend onnxruntime or eager on this machine."
+            ) from error
         self._graphs = None
+        self.preferred_batch_sizes: tuple[int, ...] = ()
         if device.type == "cuda":
             self._graphs = _GraphedBuckets(self._module, input_size, max_batch_size, device)
+            self.preferred_batch_sizes = tuple(self._graphs.buckets)
         # Under the interpreter there is nothing to compile or autotune, so no warm-up: it would only cost minutes.
 
     def run(self, batch: torch.Tensor) -> torch.Tensor:

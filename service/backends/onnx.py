@@ -60,6 +60,7 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
     dtype = torch.float32
+    preferred_batch_sizes: tuple[int, ...] = ()  # a dynamic batch axis: any size runs as it is
 
     def __init__(self, model: nn.Module, *, input_size: int, device: torch.device) -> None:
         providers = ["CPUExecutionProvider"]

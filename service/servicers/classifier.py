@@ -6,10 +6,11 @@ import grpc
 import torch
 
 from service._proto import classifier_pb2, classifier_pb2_grpc
+from service.lifecycle import ServedModel
 from service.metrics import ServiceMetrics
-from service.model_manager import ModelManager, ServedModel
+from service.model_manager import ModelManager
 from service.preprocess import decode_image
-from service.rpc import CallScope, RpcError, deadline_of, run_blocking
+from service.rpc import CallScope, RpcError, deadline_of, rpc_handler, run_blocking
 
 DEFAULT_TOP_K = 5
 
@@ -25,39 +26,28 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
         max_pixels: int,
     ) -> None:
         self._models = models
-        self._scope = scope
+        self.call_scope = scope
         self._metrics = metrics
         self._decode_executor = decode_executor
         self._max_pixels = max_pixels
 
+    @rpc_handler(lambda request: request.model)
     async def Classify(
         self, request: classifier_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> classifier_pb2.ClassifyResponse:
-        return await self._scope.run("Classify", request.model, context, lambda: self._classify(request, context))
-
-    async def ListModels(
-        self, request: classifier_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
-    ) -> classifier_pb2.ListModelsResponse:
-        async def list_models() -> classifier_pb2.ListModelsResponse:
-            return classifier_pb2.ListModelsResponse(models=[_model_info(model) for model in self._models.models])
-
-        return await self._scope.run("ListModels", "", context, list_models)
-
-    async def _classify(
-        self, request: classifier_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
-    ) -> classifier_pb2.ClassifyResponse:
         model = self._models.ready_model(request.model)
-        top_k = resolve_top_k(request.top_k, model.num_classes)
+        top_k = resolve_top_k(request.top_k, model.output.num_classes)
         # Decoding is CPU work (and Pillow releases the GIL): a thread pool, never the event loop.
         image = await run_blocking(
-            self._decode_executor, decode_image, request.image, model.spec, max_pixels=self._max_pixels
+            self._decode_executor, decode_image, request.image, model.preprocessing, max_pixels=self._max_pixels
         )
         result = await model.batcher.submit(image.unsqueeze(0), deadline=deadline_of(context))
         self._metrics.record_queue_wait(model.name, result.queue_us)
         probabilities = torch.softmax(result.logits[0], dim=0)
         scores, indices = probabilities.topk(top_k)
+        labels = model.output.labels
         predictions = [
-            classifier_pb2.Prediction(index=index, label=model.labels[index], score=score)
+            classifier_pb2.Prediction(index=index, label=labels[index], score=score)
             for index, score in zip(indices.tolist(), scores.tolist(), strict=True)
         ]
         return classifier_pb2.ClassifyResponse(
@@ -67,6 +57,12 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
             compute_us=result.compute_us,
             batch_size=result.batch_size,
         )
+
+    @rpc_handler()
+    async def ListModels(
+        self, request: classifier_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> classifier_pb2.ListModelsResponse:
+        return classifier_pb2.ListModelsResponse(models=[_model_info(model) for model in self._models.models])
 
 
 def resolve_top_k(requested: int, num_classes: int) -> int:
@@ -81,16 +77,17 @@ def resolve_top_k(requested: int, num_classes: int) -> int:
 
 
 def _model_info(model: ServedModel) -> classifier_pb2.ModelInfo:
-    config = model.config
+    """What ListModels says of a model in any state; classes and dtype are known once it has loaded."""
+    config, loaded = model.config, model.loaded
     return classifier_pb2.ModelInfo(
         name=model.name,
         arch=config.arch,
         ready=model.ready,
         reason=model.reason,
         input_size=config.input_size,
-        num_classes=model.num_classes,
+        num_classes=0 if loaded is None else loaded.output.num_classes,
         backend=model.backend_kind,
-        dtype=model.dtype,
+        dtype="" if loaded is None else loaded.precision.name,
         max_batch_size=config.max_batch_size,
         max_queue_delay_us=config.max_queue_delay_us,
         weights=config.weights,

@@ -15,9 +15,10 @@ import torch
 
 from service._proto import grpc_service_pb2 as pb
 from service._proto import grpc_service_pb2_grpc
+from service.lifecycle import Loaded
 from service.metrics import ServiceMetrics
-from service.model_manager import ModelManager, ServedModel
-from service.rpc import CallScope, RpcError, deadline_of, run_blocking
+from service.model_manager import ModelManager
+from service.rpc import CallScope, RpcError, deadline_of, rpc_handler, run_blocking
 
 SERVER_NAME = "fused-resnet"
 MODEL_VERSION = "1"
@@ -25,6 +26,14 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 # Wire byte order is little-endian, whatever the host's.
 _INPUT_DTYPES = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2")}
+
+
+def _model_name(request: pb.ModelReadyRequest | pb.ModelMetadataRequest) -> str:
+    return request.name
+
+
+def _infer_model_name(request: pb.ModelInferRequest) -> str:
+    return request.model_name
 
 
 class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
@@ -40,76 +49,64 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         is_ready: Callable[[], bool],
     ) -> None:
         self._models = models
-        self._scope = scope
+        self.call_scope = scope
         self._metrics = metrics
         self._tensor_executor = tensor_executor
         self._is_ready = is_ready
 
+    @rpc_handler()
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerLiveResponse:
-        async def live() -> pb.ServerLiveResponse:
-            return pb.ServerLiveResponse(live=True)
+        return pb.ServerLiveResponse(live=True)
 
-        return await self._scope.run("ServerLive", "", context, live)
-
+    @rpc_handler()
     async def ServerReady(
         self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerReadyResponse:
-        async def ready() -> pb.ServerReadyResponse:
-            return pb.ServerReadyResponse(ready=self._is_ready())
+        return pb.ServerReadyResponse(ready=self._is_ready())
 
-        return await self._scope.run("ServerReady", "", context, ready)
-
+    @rpc_handler()
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
-        async def server_metadata() -> pb.ServerMetadataResponse:
-            return pb.ServerMetadataResponse(name=SERVER_NAME, version=metadata.version(SERVER_NAME), extensions=[])
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=metadata.version(SERVER_NAME), extensions=[])
 
-        return await self._scope.run("ServerMetadata", "", context, server_metadata)
-
+    @rpc_handler(_model_name)
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
-        async def model_ready() -> pb.ModelReadyResponse:
-            model = self._models.find(request.name)
-            _check_version(model, request.version)
-            return pb.ModelReadyResponse(ready=model.ready)
+        model = self._models.find(request.name)
+        _check_version(model.name, request.version)
+        return pb.ModelReadyResponse(ready=model.ready)
 
-        return await self._scope.run("ModelReady", request.name, context, model_ready)
-
+    @rpc_handler(_model_name)
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        async def model_metadata() -> pb.ModelMetadataResponse:
-            model = self._models.ready_model(request.name)
-            _check_version(model, request.version)
-            size = model.config.input_size
-            return pb.ModelMetadataResponse(
-                name=model.name,
-                versions=[MODEL_VERSION],
-                platform=model.backend_kind,
-                inputs=[
-                    pb.ModelMetadataResponse.TensorMetadata(name=INPUT_NAME, datatype="FP32", shape=[-1, 3, size, size])
-                ],
-                outputs=[
-                    pb.ModelMetadataResponse.TensorMetadata(
-                        name=OUTPUT_NAME, datatype="FP32", shape=[-1, model.num_classes]
-                    )
-                ],
-            )
+        model = self._models.ready_model(request.name)
+        _check_version(model.name, request.version)
+        size = model.preprocessing.input_size
+        return pb.ModelMetadataResponse(
+            name=model.name,
+            versions=[MODEL_VERSION],
+            platform=model.backend.name,
+            inputs=[
+                pb.ModelMetadataResponse.TensorMetadata(name=INPUT_NAME, datatype="FP32", shape=[-1, 3, size, size])
+            ],
+            outputs=[
+                pb.ModelMetadataResponse.TensorMetadata(
+                    name=OUTPUT_NAME, datatype="FP32", shape=[-1, model.output.num_classes]
+                )
+            ],
+        )
 
-        return await self._scope.run("ModelMetadata", request.name, context, model_metadata)
-
+    @rpc_handler(_infer_model_name)
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        return await self._scope.run("ModelInfer", request.model_name, context, lambda: self._infer(request, context))
-
-    async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         model = self._models.ready_model(request.model_name)
-        _check_version(model, request.model_version)
+        _check_version(model.name, request.model_version)
         for output in request.outputs:
             if output.name != OUTPUT_NAME:
                 raise RpcError(
@@ -129,9 +126,9 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         )
 
 
-def _input_tensor(request: pb.ModelInferRequest, model: ServedModel) -> torch.Tensor:
+def _input_tensor(request: pb.ModelInferRequest, model: Loaded) -> torch.Tensor:
     """The request's "input" as float32 [n, 3, S, S]; RpcError(INVALID_ARGUMENT) when it is not exactly that."""
-    size = model.config.input_size
+    size = model.preprocessing.input_size
     if len(request.inputs) != 1 or request.inputs[0].name != INPUT_NAME:
         names = [tensor.name for tensor in request.inputs]
         raise _invalid(f"model {model.name!r} takes one input named 'input', got {names}")
@@ -152,9 +149,9 @@ def _input_tensor(request: pb.ModelInferRequest, model: ServedModel) -> torch.Te
     return torch.from_numpy(np.frombuffer(raw, dtype=dtype).reshape(shape).astype(np.float32))
 
 
-def _check_version(model: ServedModel, version: str) -> None:
+def _check_version(name: str, version: str) -> None:
     if version not in ("", MODEL_VERSION):
-        raise RpcError(grpc.StatusCode.NOT_FOUND, f"model {model.name!r} has no version {version!r}, only '1'")
+        raise RpcError(grpc.StatusCode.NOT_FOUND, f"model {name!r} has no version {version!r}, only '1'")
 
 
 def _invalid(message: str) -> RpcError:
