@@ -6,21 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels._common import SUPPORTED_DTYPES
-from kernels.avgpool_linear import avgpool_linear, pack_linear_weight
-from kernels.maxpool import max_pool2d_nhwc
+from kernels import SUPPORTED_DTYPES, avgpool_linear, max_pool2d_nhwc, pack_linear_weight
+from tests.support.numerics import TOLERANCES, assert_relative_close
 
 DTYPES = [pytest.param(dtype, id=str(dtype).removeprefix("torch.")) for dtype in SUPPORTED_DTYPES]
 # (dtype, bound on the head's relative error ‖out − ref‖ / ‖ref‖ against float64)
-HEAD_TOLERANCES = [
-    pytest.param(torch.float32, 1e-5, id="float32"),
-    pytest.param(torch.float16, 2e-2, id="float16"),
-    pytest.param(torch.bfloat16, 2e-2, id="bfloat16"),
-]
-
-
-def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref).norm() / ref.norm()).item()
+HEAD_TOLERANCES = [pytest.param(dtype, TOLERANCES[dtype], id=str(dtype).removeprefix("torch.")) for dtype in TOLERANCES]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -70,9 +61,7 @@ def test_head_matches_float64_reference(n, h, w, c, classes, prologue, dtype, to
         features = torch.relu(features * scale.double() + shift.double())
     ref = features.mean(dim=(1, 2)) @ fc.weight.detach().double().t() + fc.bias.detach().double()
     assert out.dtype == torch.float32 and out.shape == (n, classes)
-    error = _relative_error(out, ref)
-    worst = (out.double() - ref).abs().argmax().item()
-    assert error < tolerance, f"relative error {error:.2e}, worst at logit {divmod(worst, classes)}"
+    assert_relative_close(out, ref, tolerance, what="head logits [n, class]")
 
 
 def _head_args(**overrides):

@@ -9,11 +9,9 @@ import torch
 
 import models
 from models import digits
+from tests.support.numerics import TOLERANCES, assert_relative_close
 
 ALL_ARCHS = [name for name in models.MODEL_NAMES if name != "digits_resnet"]
-
-# (dtype, max relative error against the float64 reference) kept together, DESIGN.md "Numerics".
-TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 
 
 def dtype_id(dtype: torch.dtype) -> str:
@@ -21,21 +19,28 @@ def dtype_id(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+def assert_same_top1(out: torch.Tensor, ref: torch.Tensor, exact: bool, min_decided: int) -> None:
+    """Top-1 must agree. In half precision a row whose reference top-2 margin is within twice the row's largest
+    error is a race that rounding decides, which the relative-error bound already allows: there the fused top-1 must
+    be one of the classes within that reach of the reference's best. At least `min_decided` rows must be clear races,
+    or the exact check would be checking nothing."""
+    reach = ref.new_zeros(len(ref)) if exact else (out - ref).abs().amax(dim=1) * 2  # [N]
+    best = ref.max(dim=1).values
+    contenders = ref >= (best - reach)[:, None]  # [N, classes]: True where a class could win after rounding
+    decided = contenders.sum(dim=1) == 1
+    assert int(decided.sum()) >= min_decided, (
+        f"only {int(decided.sum())} of {len(ref)} rows have a clear top-1 (need {min_decided}): "
+        f"margins {(best - ref.topk(2, dim=1).values[:, 1]).tolist()}, reach {reach.tolist()}"
+    )
+    picked = contenders.gather(1, out.argmax(dim=1, keepdim=True)).squeeze(1)
+    assert picked.all(), f"top-1 is no contender on rows {(~picked).nonzero().flatten().tolist()}"
 
 
-def assert_same_top1(out: torch.Tensor, ref: torch.Tensor, exact: bool) -> None:
-    """Top-1 must agree; for half precision only where the reference's top-2 margin exceeds the worst abs error,
-    since a closer race is decided by rounding that the relative-error bound already allows."""
-    top2 = ref.topk(2, dim=1).values
-    margin = top2[:, 0] - top2[:, 1]
-    decided = torch.ones_like(margin, dtype=torch.bool) if exact else margin > (out - ref).abs().max() * 2
-    disagree = (out.argmax(1) != ref.argmax(1)) & decided
-    assert not disagree.any(), f"top-1 differs on rows {disagree.nonzero().flatten().tolist()} (margins {margin})"
-
-
-def check_model_parity(name: str, dtype: torch.dtype, x: torch.Tensor, num_classes: int | None = None) -> None:
+def check_model_parity(
+    name: str, dtype: torch.dtype, x: torch.Tensor, num_classes: int | None = None, min_decided: int | None = None
+) -> None:
+    """Fused against eager in float64: the relative error within TOLERANCES[dtype], and the top-1 (every row decided
+    in float32; `min_decided` rows, default all, in half precision)."""
     model = models.build(name, seed=1, num_classes=num_classes).to(x.device)
     fused = models.fuse(model, dtype=dtype)
     with torch.inference_mode():
@@ -44,11 +49,11 @@ def check_model_parity(name: str, dtype: torch.dtype, x: torch.Tensor, num_class
         ref = model.double()(x.double())
     assert out.dtype == torch.float32
     assert out.shape == eager.shape
-    err = relative_error(out, ref)
-    assert err < TOLERANCES[dtype], f"{name} {dtype}: relative error {err:.2e} >= {TOLERANCES[dtype]:.0e}"
+    assert_relative_close(out, ref, TOLERANCES[dtype], what=f"{name} {dtype} logits")
     # Against the float64 run, not `eager`: on a GPU eager float32 convolutions take TF32 (cuDNN's default), whose
     # 1e-3 error decides close top-2 races among 1000 classes differently from an IEEE float32 kernel.
-    assert_same_top1(out, ref.float(), exact=dtype == torch.float32)
+    exact = dtype == torch.float32
+    assert_same_top1(out, ref.float(), exact, len(x) if exact or min_decided is None else min_decided)
 
 
 @pytest.mark.parametrize(
@@ -71,7 +76,8 @@ def test_fused_matches_eager_float32(name, batch, height, width):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("name", ["resnet18", "preact_resnet18"])
 def test_fused_matches_eager_half_precision(name, dtype):
-    check_model_parity(name, dtype, torch.randn(3, 3, 40, 48), num_classes=10)
+    # 2 of 3: these seeds give preact_resnet18 one row whose top two logits are 2e-3 apart, a race rounding decides.
+    check_model_parity(name, dtype, torch.randn(3, 3, 40, 48), num_classes=10, min_decided=2)
 
 
 def test_digits_fused_predicts_like_eager_on_held_out_scans():
@@ -106,4 +112,6 @@ def test_fuse_rejects_bad_arguments():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("name", ALL_ARCHS)
 def test_fused_matches_eager_at_224_on_gpu(name, dtype, batch):
-    check_model_parity(name, dtype, torch.randn(batch, 3, 224, 224, device="cuda"))
+    # Among 1000 random-weight classes the top two are ~0.3 logit apart on average: a quarter of the rows, at least,
+    # must be clear races in half precision (at batch 1 that is none: the parity bound alone speaks for it).
+    check_model_parity(name, dtype, torch.randn(batch, 3, 224, 224, device="cuda"), min_decided=batch // 4)

@@ -28,6 +28,7 @@ import models
 from models import digits
 from service._proto import classifier_pb2, classifier_pb2_grpc, grpc_service_pb2_grpc
 from service._proto import grpc_service_pb2 as pb
+from tests.support.numerics import CROSS_BACKEND_TOLERANCE, assert_relative_close
 from tests.support.server import CPU_ONLY, REPO_ROOT, ServerProcess, serving, write_repository
 
 MAX_MESSAGE_BYTES = 1_000_000
@@ -103,11 +104,6 @@ def logits_of(response: pb.ModelInferResponse) -> np.ndarray:
     (output,) = response.outputs
     assert (output.name, output.datatype) == ("logits", "FP32")
     return np.frombuffer(response.raw_output_contents[0], dtype="<f4").reshape(tuple(output.shape)).copy()
-
-
-def relative_error(actual: np.ndarray | torch.Tensor, reference: np.ndarray | torch.Tensor) -> float:
-    actual, reference = torch.as_tensor(actual, dtype=torch.float64), torch.as_tensor(reference, dtype=torch.float64)
-    return float((actual - reference).norm() / reference.norm())
 
 
 def random_inputs(rows: int, size: int) -> np.ndarray:
@@ -213,14 +209,14 @@ def test_model_infer_fp32_and_fp16_match_eager(inference, small_eager):
     assert (response.model_name, response.model_version, response.id) == ("resnet18_small", "1", "req-1")
     with torch.inference_mode():
         reference = small_eager(torch.from_numpy(inputs))
-    assert relative_error(logits_of(response), reference) < 1e-4
+    assert_relative_close(logits_of(response), reference, CROSS_BACKEND_TOLERANCE, what="FP32 logits")
 
     # FP16 on the wire is widened to float32 exactly, so the reference is eager on the rounded values.
     inputs16 = inputs.astype(np.float16)
     response = inference.ModelInfer(infer_request("resnet18_small", inputs16, "FP16"))
     with torch.inference_mode():
         reference = small_eager(torch.from_numpy(inputs16.astype(np.float32)))
-    assert relative_error(logits_of(response), reference) < 1e-4
+    assert_relative_close(logits_of(response), reference, CROSS_BACKEND_TOLERANCE, what="FP16 logits")
 
 
 def test_tritonclient_works_unchanged(server, tmp_path, small_eager, digits_eager_logits):
@@ -250,7 +246,7 @@ def test_tritonclient_works_unchanged(server, tmp_path, small_eager, digits_eage
                            ("resnet18_small:0", small_eager)):  # fmt: skip
             reference = eager(torch.from_numpy(inputs[key].astype(np.float32)))
             assert outputs[key].dtype == np.float32 and outputs[key].shape == tuple(reference.shape)
-            assert relative_error(outputs[key], reference) < 1e-4, key
+            assert_relative_close(outputs[key], reference, CROSS_BACKEND_TOLERANCE, what=key)
 
 
 def _png_claiming(width: int, height: int) -> bytes:
@@ -377,7 +373,7 @@ def test_64_concurrent_callers_on_mixed_models(server, classifier, inference, di
         with torch.inference_mode():
             references = network(torch.from_numpy(np.concatenate([tensors[i] for i in indices])))
         for index, reference in zip(indices, references.split([len(tensors[i]) for i in indices]), strict=True):
-            assert relative_error(logits_of(answers[index]), reference) < 1e-4, index
+            assert_relative_close(logits_of(answers[index]), reference, CROSS_BACKEND_TOLERANCE, what=f"call {index}")
     for index, answer in enumerate(answers):
         if index not in tensor_calls:
             assert answer.predictions[0].index == int(digits_eager_logits[index].argmax()), index

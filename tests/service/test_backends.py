@@ -11,16 +11,14 @@ import torch
 
 import models
 from models import digits
-from service.backends import create_backend, resolve_backend_kind
+from service.backends import BackendUnavailableError, create_backend, resolve_backend_kind
 from service.backends.fused import batch_buckets
 from service.backends.onnx import export_onnx
+from tests.support.numerics import CROSS_BACKEND_TOLERANCE, TF32_TOLERANCE, TOLERANCES
+from tests.support.numerics import assert_relative_close as assert_close_logits
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def reference_logits(arch: str, x: torch.Tensor) -> torch.Tensor:
@@ -38,9 +36,7 @@ def digit_batch(n: int) -> torch.Tensor:
 
 def assert_same_logits(out: torch.Tensor, ref: torch.Tensor, tolerance: float) -> None:
     assert out.shape == ref.shape and out.dtype == torch.float32 and out.device.type == "cpu"
-    error = relative_error(out, ref)
-    worst = (out.double() - ref).abs().argmax().item()
-    assert error < tolerance, f"relative error {error:.2e}; worst at flat index {worst}"
+    assert_close_logits(out, ref, tolerance, what="logits [n, class]")
     torch.testing.assert_close(out.argmax(1), ref.argmax(1), rtol=0, atol=0)
 
 
@@ -58,10 +54,11 @@ def test_eager_and_onnxruntime_match_the_float64_model_and_each_other(arch, inpu
     for kind in ("eager", "onnxruntime"):
         backend = create_backend(kind, models.build(arch), input_size=input_size, max_batch_size=8, device=CPU)
         assert backend.name == kind and backend.device == CPU and backend.dtype == torch.float32
+        assert backend.preferred_batch_sizes == ()  # every batch size costs what its rows cost
         outputs[kind] = backend.run(x)
-        assert_same_logits(outputs[kind], ref, tolerance=1e-4)
-        assert_same_logits(backend.run(x[1:2]), ref[1:2], tolerance=1e-4)  # the batch axis is dynamic
-    assert_same_logits(outputs["onnxruntime"], outputs["eager"].double(), tolerance=1e-4)
+        assert_same_logits(outputs[kind], ref, CROSS_BACKEND_TOLERANCE)
+        assert_same_logits(backend.run(x[1:2]), ref[1:2], CROSS_BACKEND_TOLERANCE)  # the batch axis is dynamic
+    assert_same_logits(outputs["onnxruntime"], outputs["eager"].double(), CROSS_BACKEND_TOLERANCE)
 
 
 def test_onnx_export_is_deterministic():
@@ -75,7 +72,18 @@ def test_fused_under_the_interpreter_predicts_like_eager():
     eager = create_backend("eager", models.build("digits_resnet"), input_size=32, max_batch_size=2, device=CPU)
     fused = create_backend("fused", models.build("digits_resnet"), input_size=32, max_batch_size=2, device=CPU)
     assert fused.name == "fused" and fused.device == CPU
-    assert_same_logits(fused.run(x), eager.run(x).double(), tolerance=1e-4)
+    assert fused.preferred_batch_sizes == ()  # no CUDA graphs under the interpreter, so no buckets
+    assert_same_logits(fused.run(x), eager.run(x).double(), CROSS_BACKEND_TOLERANCE)
+
+
+def test_fused_translates_the_models_cannot_run_here_error(monkeypatch: pytest.MonkeyPatch):
+    def unavailable(*args: object, **kwargs: object) -> None:
+        raise models.FusedUnavailableError("no CUDA device here")
+
+    monkeypatch.setattr(models, "fuse", unavailable)
+    with pytest.raises(BackendUnavailableError, match=r"no CUDA device here.*--backend onnxruntime") as raised:
+        create_backend("fused", models.build("digits_resnet"), input_size=32, max_batch_size=2, device=CPU)
+    assert isinstance(raised.value.__cause__, models.FusedUnavailableError)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fused runs on CUDA")
@@ -103,14 +111,25 @@ def test_fused_refuses_on_a_cpu_without_the_interpreter():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 5e-3), (torch.float16, 2e-2)])
-def test_fused_cuda_graphs_match_eager_for_every_batch_size(dtype, tolerance):
+@pytest.mark.parametrize(
+    "dtype, allow_tf32, bound",
+    [
+        (torch.float32, False, TF32_TOLERANCE),
+        (torch.float32, True, TF32_TOLERANCE),
+        (torch.float16, False, TOLERANCES[torch.float16]),
+    ],
+)
+def test_fused_cuda_graphs_match_eager_for_every_batch_size(dtype, allow_tf32, bound):
     cuda = torch.device("cuda")
-    fused = create_backend("fused", models.build("resnet18"), input_size=64, max_batch_size=6, dtype=dtype, device=cuda)
+    fused = create_backend(
+        "fused", models.build("resnet18"), input_size=64, max_batch_size=6, dtype=dtype, allow_tf32=allow_tf32,
+        device=cuda,
+    )  # fmt: skip
+    assert fused.preferred_batch_sizes == (1, 2, 4, 6)  # the CUDA graphs' buckets
     x = torch.randn(6, 3, 64, 64)
     ref = reference_logits("resnet18", x)
     for n in (1, 3, 4, 6, 2):  # every bucket (1, 2, 4, 6), padded ones included, in no particular order
-        assert_same_logits(fused.run(x[:n]), ref[:n], tolerance)
+        assert_same_logits(fused.run(x[:n]), ref[:n], bound)
 
 
 def test_resolve_backend_kind():
@@ -123,6 +142,12 @@ def test_resolve_backend_kind():
 def test_onnxruntime_refuses_half_precision():
     with pytest.raises(ValueError, match="float32"):
         create_backend("onnxruntime", models.build("digits_resnet"), input_size=32, max_batch_size=2, dtype=torch.half)
+
+
+@pytest.mark.parametrize("kind", ["eager", "onnxruntime"])
+def test_tf32_is_the_fused_backends_only(kind):
+    with pytest.raises(ValueError, match="tf32 is a float32 mode of the fused backend only"):
+        create_backend(kind, models.build("digits_resnet"), input_size=32, max_batch_size=2, allow_tf32=True)
 
 
 @pytest.mark.parametrize(

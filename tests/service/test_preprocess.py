@@ -10,18 +10,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFile
 
+import models
 from models import digits
-from service.preprocess import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ImageTooLargeError,
-    InvalidImageError,
-    decode_image,
-    spec_for,
-)
+from models.inputs import IMAGENET_MEAN, IMAGENET_STD
+from service.preprocess import ImageTooLargeError, InvalidImageError, decode_image
 
 MAX_PIXELS = 4_000_000
-SPEC = spec_for("resnet18", 32)  # resize 37, crop 32: small, and the crop offset (2.5) exercises the rounding
+SPEC = models.input_spec("resnet18", 32)  # resize 37, crop 32: small, and the crop offset (2.5) exercises the rounding
 
 
 def random_rgb(height: int, width: int) -> np.ndarray:
@@ -137,7 +132,7 @@ def test_malformed_or_unsupported_bytes_are_invalid(data):
 
 def test_digits_path_equals_models_digits_preprocess():
     _, test = digits.load_split()
-    spec = spec_for("digits_resnet", digits.INPUT_SIZE)
+    spec = models.input_spec("digits_resnet", digits.INPUT_SIZE)
     for image in test.images[:16]:
         served = decode_image(digits.to_png(image), spec, max_pixels=MAX_PIXELS)
         torch.testing.assert_close(served, digits.preprocess(Image.fromarray(image)), rtol=0, atol=0)
@@ -145,13 +140,18 @@ def test_digits_path_equals_models_digits_preprocess():
 
 def test_digits_path_converts_color_uploads_like_training():
     pixels = random_rgb(20, 24)
-    spec = spec_for("digits_resnet", digits.INPUT_SIZE)
+    spec = models.input_spec("digits_resnet", digits.INPUT_SIZE)
     served = decode_image(encode(pixels, "PNG"), spec, max_pixels=MAX_PIXELS)
     torch.testing.assert_close(served, digits.preprocess(Image.fromarray(pixels)), rtol=0, atol=0)
 
 
-def test_spec_for():
-    assert spec_for("resnet50", 224).resize == 256
-    assert spec_for("digits_resnet", 32).grayscale
+def test_the_model_registry_says_how_each_model_takes_its_input():
+    assert models.input_spec("resnet50", 224).resize == 256
+    assert models.input_spec("preact_resnet18", 64).mean == IMAGENET_MEAN
+    assert models.input_spec("digits_resnet", 32) == digits.INPUT and digits.INPUT.grayscale
+    for name in models.MODEL_NAMES:  # every registered model has a recipe
+        assert models.input_spec(name, 32).input_size == 32
     with pytest.raises(ValueError, match="32"):
-        spec_for("digits_resnet", 64)
+        models.input_spec("digits_resnet", 64)
+    with pytest.raises(ValueError, match="unknown model"):
+        models.input_spec("resnet19", 224)

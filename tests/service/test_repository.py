@@ -3,7 +3,9 @@
 from pathlib import Path
 
 import pytest
+import torch
 
+from models.precision import PRECISIONS
 from service.labels import load_labels
 from service.repository import DEFAULT_REPOSITORY, ModelConfig, RepositoryError, load_repository
 
@@ -48,9 +50,21 @@ def test_contract_example_and_defaults(tmp_path: Path):
     # Relative paths are relative to the repository file, not to the working directory.
     assert small.weights == str(path.parent / "weights" / "small.pt")
     assert small.labels == str(path.parent / "small_labels.txt")
-    assert (small.input_size, small.num_classes, small.seed, small.backend, small.max_queue_size, small.dtype) == (
-        40, 7, 3, "eager", 5, "float16",
-    )  # fmt: skip
+    assert (small.input_size, small.num_classes, small.seed, small.backend, small.max_queue_size) == (
+        40,
+        7,
+        3,
+        "eager",
+        5,
+    )
+    assert small.precision == PRECISIONS["float16"] and small.precision.dtype == torch.float16  # parsed here, once
+
+
+@pytest.mark.parametrize("dtype", ["float32", "tf32", "float16", "bfloat16"])
+def test_dtype_is_parsed_into_a_precision(tmp_path: Path, dtype: str):
+    (config,) = load_repository(_write(tmp_path, f'[models.m]\narch = "resnet18"\ndtype = "{dtype}"\n'))
+    assert config.precision.name == dtype
+    assert config.precision.allow_tf32 == (dtype == "tf32")
 
 
 @pytest.mark.parametrize(
