@@ -10,7 +10,8 @@ with the same kind, input shape and stride is timed once. Each block runs as:
 
 Median and p20/p80 ms (triton.testing.do_bench on a GPU, a perf_counter loop on a CPU), TFLOP/s (convolution FLOPs),
 GB/s (the block's compulsory traffic: input, output and weights once each, whatever the variant reads in fact),
-speed-up against unfused, and the relative error against the unfused block in float32. Writes
+speed-up against unfused, and the relative error against the unfused block in IEEE float32. `--dtype tf32`: float32
+tensors with TF32 products for every variant (cuDNN's and ours). Writes
 bench/results/blocks_<device>_<dtype>_<date>.{json,md,png}.
 
     python -m bench.blocks [--device cuda] [--dtype bfloat16] [--arch resnet50 ...] [--batch 1 8 32 128]
@@ -35,15 +36,17 @@ from bench.common import (
     Skipped,
     bench_ms,
     compile_fresh,
+    ieee_float32,
     kernels_run_on,
     parse_run_args,
     progress,
     pyplot,
-    relative_error,
     run_and_write,
 )
 from models.folding import bn_scale_shift, fold_conv_bn
+from models.numerics import relative_error
 from models.preact_resnet import PreActBasicBlock, PreActBottleneck
+from models.precision import Precision
 from models.resnet import Bottleneck
 
 ARCHES = ("resnet18", "resnet50", "preact_resnet18", "preact_resnet50")
@@ -246,22 +249,24 @@ def bench_shape(
     device: torch.device,
     budget: CompileBudget,
     cpu_seconds: float,
+    allow_tf32: bool = False,
 ) -> list[dict]:
     """One row per variant: timing, throughput, speed-up against unfused and error against float32 unfused."""
     x32 = torch.randn(batch, *shape.in_shape, device=device).contiguous(memory_format=torch.channels_last)
-    reference = copy.deepcopy(block).to(device, memory_format=torch.channels_last)(x32).float()
+    with ieee_float32():
+        reference = copy.deepcopy(block).to(device, memory_format=torch.channels_last)(x32).float()
     x = x32.to(dtype)
     elements = sum(map(_numel, (shape.in_shape, shape.out_shape))) * batch + shape.weight_elements
     rows, unfused_ms = [], None
     for variant in variants:
-        row = {**asdict(shape), "label": shape.label, "batch": batch, "dtype": str(dtype).removeprefix("torch.")}
+        row = {**asdict(shape), "label": shape.label, "batch": batch, "dtype": Precision(dtype, allow_tf32).name}
         row |= {"variant": variant, "status": "ok", "reason": None}
         try:
             fn = prepare(variant, shape, block, fused, x, budget)
         except Skipped as skipped:
             rows.append(row | {"status": "skipped", "reason": str(skipped)})
             continue
-        row["rel_err"] = relative_error(fn(x), reference)
+        row["rel_err"] = relative_error(fn(x), reference, dtype=torch.float32)
         row |= bench_ms(lambda fn=fn: fn(x), device, cpu_budget_s=cpu_seconds)
         seconds = row["median_ms"] / 1e3
         row["tflops"] = shape.flops * batch / seconds / 1e12
@@ -276,11 +281,13 @@ def _numel(shape: tuple[int, ...]) -> int:
     return int(torch.Size(shape).numel())
 
 
-def fused_model(model: nn.Module, dtype: torch.dtype, device: torch.device) -> nn.Module | None:
+def fused_model(
+    model: nn.Module, dtype: torch.dtype, device: torch.device, allow_tf32: bool = False
+) -> nn.Module | None:
     """models.fuse of a copy of `model` on `device`; None where the kernels cannot run (a CPU, not interpreting)."""
     if not kernels_run_on(device):
         return None
-    return models.fuse(copy.deepcopy(model).to(device), dtype)
+    return models.fuse(copy.deepcopy(model).to(device), dtype, allow_tf32=allow_tf32)
 
 
 def benchmark_rows(
@@ -294,6 +301,7 @@ def benchmark_rows(
     compile_budget_s: float = 300.0,
     cpu_seconds: float = 2.0,
     select: Callable[[BlockShape], bool] = lambda shape: True,
+    allow_tf32: bool = False,
 ) -> Iterator[dict]:
     """Yields a row for every distinct block of `archs` (those `select` keeps) × batch × variant, as each is measured
     ("unfused" always runs first: the speed-ups are against it)."""
@@ -302,12 +310,14 @@ def benchmark_rows(
     work = []
     for arch in archs:
         model = models.build(arch, weights="random", seed=0)
-        fused = fused_model(model, dtype, device) if "fused" in variants else None
+        fused = fused_model(model, dtype, device, allow_tf32) if "fused" in variants else None
         shapes = [(shape, block) for shape, block in distinct_blocks(model, arch, input_size) if select(shape)]
         work += [(shape, block, fused, batch) for shape, block in shapes for batch in batches]
     with torch.inference_mode():
-        for shape, block, fused, batch in progress(work, "blocks"):
-            yield from bench_shape(shape, block, fused, batch, variants, dtype, device, budget, cpu_seconds)
+        for shape, block, fused, batch in progress(
+            work, "blocks", label=lambda item: f"{item[0].label}, batch {item[3]}"
+        ):
+            yield from bench_shape(shape, block, fused, batch, variants, dtype, device, budget, cpu_seconds, allow_tf32)
 
 
 COLUMNS = (
@@ -400,6 +410,7 @@ def main() -> None:
     rows = benchmark_rows(
         run.archs, run.batches, run.choices, run.dtype, run.device,
         input_size=run.input_size, compile_budget_s=run.compile_budget_s, cpu_seconds=run.cpu_seconds,
+        allow_tf32=run.allow_tf32,
     )  # fmt: skip
     run_and_write(
         rows,

@@ -7,22 +7,25 @@ question, the device and the UTC time, so results from different cards and days 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import logging
 import os
 import platform
 import re
+import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from models.precision import PRECISIONS, Precision
+
 RESULTS = Path(__file__).resolve().parent / "results"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 QUANTILES = (0.5, 0.2, 0.8)  # median, p20, p80: the order triton.testing.do_bench returns them in
 
 logger = logging.getLogger(__name__)
@@ -49,10 +52,21 @@ def compile_fresh(module: torch.nn.Module, **compile_options) -> Callable[..., t
     return torch.compile(module, dynamic=False, **compile_options)
 
 
-def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
-    """‖out − reference‖ / ‖reference‖, computed in float32."""
-    reference = reference.float()
-    return float(torch.linalg.vector_norm(out.float() - reference) / torch.linalg.vector_norm(reference))
+@contextlib.contextmanager
+def ieee_float32() -> Iterator[None]:
+    """cuDNN and cuBLAS without TF32 inside the block (references are IEEE float32 even in a tf32 run)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def command_name() -> str | None:
+    """ "python -m bench.model" for a script run with -m (argparse would say "model.py"), else None."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    return None if spec is None else f"python -m {spec.name}"
 
 
 def time_cpu(
@@ -121,9 +135,9 @@ def device_tag(device: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
 
 
-def result_stem(question: str, device: torch.device, dtype: torch.dtype, now: datetime.datetime) -> str:
-    """File name without suffix: blocks_cpu_float32_20261126T163405."""
-    return f"{question}_{device_tag(device)}_{str(dtype).removeprefix('torch.')}_{now:%Y%m%dT%H%M%S}"
+def result_stem(question: str, device: torch.device, precision: str, now: datetime.datetime) -> str:
+    """File name without suffix: blocks_cpu_float32_20261126T163405 (`precision`: a models.precision name)."""
+    return f"{question}_{device_tag(device)}_{precision}_{now:%Y%m%dT%H%M%S}"
 
 
 @dataclass(frozen=True)
@@ -165,19 +179,20 @@ def write_results(
     return [json_path, md_path]
 
 
-def progress(items: Sequence, description: str) -> Iterable:
-    """tqdm over `items` where tqdm is installed (the `bench` extra); otherwise a log line per item."""
+def progress(items: Sequence, description: str, label: Callable[[object], str] = str) -> Iterable:
+    """tqdm over `items` where tqdm is installed (the `bench` extra); otherwise a log line per item, naming it by
+    `label(item)` (one short line: an item holding a module would otherwise log its whole repr)."""
     try:
         from tqdm import tqdm
     except ImportError:
         logger.warning("tqdm is not installed (pip install '.[bench]'): logging progress per row instead")
-        return _logged(items, description)
+        return _logged(items, description, label)
     return tqdm(items, desc=description)
 
 
-def _logged(items: Sequence, description: str) -> Iterable:
+def _logged(items: Sequence, description: str, label: Callable[[object], str]) -> Iterable:
     for index, item in enumerate(items, 1):
-        logger.info("%s %d/%d: %s", description, index, len(items), item)
+        logger.info("%s %d/%d: %s", description, index, len(items), label(item))
         yield item
 
 
@@ -231,6 +246,11 @@ class RunArgs:
     compile_budget_s: float
     cpu_seconds: float
     out_dir: Path
+    allow_tf32: bool = False  # --dtype tf32: float32 with TF32 products, in our kernels and in cuDNN/cuBLAS
+
+    @property
+    def precision(self) -> Precision:
+        return Precision(self.dtype, self.allow_tf32)
 
 
 def parse_run_args(
@@ -244,11 +264,15 @@ def parse_run_args(
     cpu_seconds: float,
 ) -> RunArgs:
     """Parses --device --dtype --arch --batch <choices_flag> --input-size --compile-budget-s --cpu-seconds --out-dir,
-    sets up logging, and turns TF32 off: float32 rows compare IEEE float32 with IEEE float32, as our kernels do
-    unless asked."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sets up logging, and sets TF32 for cuDNN and cuBLAS as --dtype says: off for float32 (rows compare IEEE float32
+    with IEEE float32, as our kernels do unless asked), on for tf32 (every row may take TF32, ours included)."""
+    parser = argparse.ArgumentParser(
+        prog=command_name(), description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on CUDA, float32 on a CPU")
+    parser.add_argument(
+        "--dtype", choices=PRECISIONS, default=None, help="default: bfloat16 on CUDA, float32 on a CPU; tf32: GPU only"
+    )
     parser.add_argument("--arch", nargs="+", choices=archs, default=list(archs))
     parser.add_argument("--batch", nargs="+", type=int, default=list(batches))
     parser.add_argument(choices_flag, nargs="+", choices=choices, default=list(choices))
@@ -260,11 +284,12 @@ def parse_run_args(
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     device = torch.device(args.device)
+    precision = PRECISIONS[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision.allow_tf32
     return RunArgs(
         device=device,
-        dtype=DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")],
+        dtype=precision.dtype,
         archs=args.arch,
         batches=args.batch,
         choices=getattr(args, choices_flag.removeprefix("--").replace("-", "_")),
@@ -272,6 +297,7 @@ def parse_run_args(
         compile_budget_s=args.compile_budget_s,
         cpu_seconds=args.cpu_seconds,
         out_dir=args.out_dir,
+        allow_tf32=precision.allow_tf32,
     )
 
 
@@ -292,8 +318,8 @@ def run_and_write(
     end; an interrupt keeps the rows done), then the .png; `summarize` turns the rows into the report's "summary"
     rows, shown first in the markdown by `summary_columns`."""
     started = datetime.datetime.now(datetime.UTC)
-    dtype_name = str(run.dtype).removeprefix("torch.")
-    stem = result_stem(name, run.device, run.dtype, started)
+    dtype_name = run.precision.name
+    stem = result_stem(name, run.device, dtype_name, started)
     host = machine()  # once: the checkpoints below rewrite the report after every row
 
     def write(measured: list[dict], complete: bool) -> list[Path]:

@@ -10,7 +10,8 @@ host-device copies count). Backends:
 - fused: our Triton kernels (models.fuse), launched one by one; fused-graphs: the service's fused backend, one CUDA
   graph per batch. GPU only: on a CPU those rows say "needs GPU".
 
-Every row also gives its relative error against eager float32 NCHW on the same batch (TF32 off). Median and p20/p80
+Every row also gives its relative error against eager float32 NCHW on the same batch (TF32 off). `--dtype tf32`:
+float32 tensors with TF32 products in every backend that has them (cuDNN, cuBLAS, our kernels). Median and p20/p80
 (triton.testing.do_bench on a GPU, a perf_counter loop on a CPU). Writes
 bench/results/model_<device>_<dtype>_<date>.{json,md,png}.
 
@@ -33,13 +34,15 @@ from bench.common import (
     Skipped,
     bench_ms,
     compile_fresh,
+    ieee_float32,
     kernels_run_on,
     parse_run_args,
     progress,
     pyplot,
-    relative_error,
     run_and_write,
 )
+from models.numerics import relative_error
+from models.precision import Precision
 from service.backends import create_backend
 from service.backends.base import Backend
 from service.backends.eager import EagerBackend
@@ -67,9 +70,17 @@ class ModuleBackend:
 
 
 def load(
-    kind: str, arch: str, dtype: torch.dtype, device: torch.device, input_size: int, max_batch: int, compile_left: float
+    kind: str,
+    arch: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    input_size: int,
+    max_batch: int,
+    compile_left: float,
+    allow_tf32: bool = False,
 ) -> Backend:
-    """Backend `kind` for a fresh seeded `arch`; raises Skipped when it cannot run here."""
+    """Backend `kind` for a fresh seeded `arch`; raises Skipped when it cannot run here. `allow_tf32` reaches our
+    kernels here; eager and compile take TF32 from torch's flags, which parse_run_args sets."""
     model = models.build(arch, weights="random", seed=0)
     loading = {"input_size": input_size, "max_batch_size": max_batch, "device": device}
     if kind == "eager":
@@ -92,10 +103,11 @@ def load(
     if not kernels_run_on(device):
         raise Skipped("needs GPU")
     if kind == "fused":
-        return ModuleBackend(kind, models.fuse(model.to(device), dtype), device, torch.float32, channels_last=False)
+        fused = models.fuse(model.to(device), dtype, allow_tf32=allow_tf32)
+        return ModuleBackend(kind, fused, device, torch.float32, channels_last=False)
     if device.type != "cuda":
         raise Skipped("CUDA graphs need a GPU")
-    return create_backend("fused", model, **loading, dtype=dtype)
+    return create_backend("fused", model, **loading, dtype=dtype, allow_tf32=allow_tf32)
 
 
 def reference_backend(arch: str, device: torch.device, input_size: int) -> Backend:
@@ -114,6 +126,7 @@ def benchmark_rows(
     input_size: int = 224,
     compile_budget_s: float = 600.0,
     cpu_seconds: float = 5.0,
+    allow_tf32: bool = False,
 ) -> Iterator[dict]:
     """Yields a row per arch × backend × batch as each is measured; a backend that cannot run here gives a skipped
     row per batch."""
@@ -121,21 +134,23 @@ def benchmark_rows(
     for arch in archs:
         reference = reference_backend(arch, device, input_size)
         inputs = {batch: torch.randn(batch, 3, input_size, input_size) for batch in batches}
-        with torch.inference_mode():
+        with torch.inference_mode(), ieee_float32():
             expected = {batch: reference.run(x) for batch, x in inputs.items()}
         del reference
         for kind in progress(kinds, f"{arch} backends"):
-            base = {"arch": arch, "backend": kind, "dtype": str(dtype).removeprefix("torch."), "input_size": input_size}
+            dtype_name = Precision(dtype, allow_tf32).name
+            base = {"arch": arch, "backend": kind, "dtype": dtype_name, "input_size": input_size}
             started = time.perf_counter()
             try:
-                backend = load(kind, arch, dtype, device, input_size, max(batches), compile_left)
+                backend = load(kind, arch, dtype, device, input_size, max(batches), compile_left, allow_tf32)
             except Skipped as skipped:
                 yield from (base | {"batch": b, "status": "skipped", "reason": str(skipped)} for b in batches)
                 continue
             for batch in batches:
                 x = inputs[batch]
                 row = base | {"batch": batch, "status": "ok", "reason": None}
-                row["rel_err"] = relative_error(backend.run(x), expected[batch])  # also compiles / warms up
+                # also compiles / warms up
+                row["rel_err"] = relative_error(backend.run(x), expected[batch], dtype=torch.float32)
                 row |= bench_ms(lambda backend=backend, x=x: backend.run(x), backend.device, cpu_budget_s=cpu_seconds)
                 row["images_per_s"] = batch / (row["median_ms"] / 1e3)
                 yield row
@@ -198,6 +213,7 @@ def main() -> None:
     rows = benchmark_rows(
         run.archs, run.batches, run.choices, run.dtype, run.device,
         input_size=run.input_size, compile_budget_s=run.compile_budget_s, cpu_seconds=run.cpu_seconds,
+        allow_tf32=run.allow_tf32,
     )  # fmt: skip
     run_and_write(
         rows,

@@ -3,9 +3,10 @@
 `--callers` client threads (16) each send one JPEG at a time through Classify and wait for its answer; the ceiling is
 `backend.run` at batch `--callers` in this process (bench.backend_throughput's timing), measured first, on the same
 machine, in the same run. A round is every caller sending `--requests` images; its rate is images / wall time. Median
-with spread over rounds (after one warm-up round), JSON to bench/results/serve_throughput_<cpu|cuda>_<date>.json.
+with spread over rounds (after one warm-up round), JSON to <--out-dir>/serve_throughput_<cpu|cuda>_<date>.json
+(bench/results by default).
 
-    python -m bench.serve_throughput [--backend auto] [--callers 16] [--requests 4] [--rounds 5]
+    python -m bench.serve_throughput [--backend auto] [--callers 16] [--requests 4] [--rounds 5] [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from bench.backend_throughput import ARCH, load, summarize
-from bench.common import RESULTS, machine, time_cpu
+from bench.common import RESULTS, command_name, machine, time_cpu
 from service._proto import classifier_pb2, classifier_pb2_grpc
 from service.backends import resolve_backend_kind
 
@@ -109,12 +110,15 @@ def served_round(stub: classifier_pb2_grpc.ClassifierStub, image: bytes, callers
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=command_name(), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--backend", default="auto", help="auto, eager, fused or onnxruntime")
     parser.add_argument("--callers", type=int, default=16, help="concurrent callers; also the batch of the ceiling")
     parser.add_argument("--requests", type=int, default=4, help="images each caller sends per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--reps", type=int, default=5, help="timed batches of the backend alone")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where the JSON goes")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     kind = resolve_backend_kind(args.backend)
@@ -162,9 +166,9 @@ def main() -> None:
         "served_images_per_s": {"median": p50, "p20": p20, "p80": p80},
         "served_over_backend": ratio,
     }
-    RESULTS.mkdir(exist_ok=True)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    path = RESULTS / f"serve_throughput_{device}_{now:%Y%m%dT%H%M%S}.json"
+    path = args.out_dir / f"serve_throughput_{device}_{now:%Y%m%dT%H%M%S}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     logger.info("wrote %s", path)
 

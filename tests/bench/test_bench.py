@@ -6,8 +6,10 @@ Triton interpreter on a CPU, on small inputs.
 """
 
 import json
+import logging
 import re
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ import models
 from bench import blocks, common
 from bench import model as model_bench
 from service.repository import load_repository
+from tests.support.numerics import TOLERANCES, assert_relative_close
 from tests.support.server import REPO_ROOT
 
 
@@ -93,8 +96,8 @@ def test_fold_block_matches_eager_in_every_block_kind():
         for shape, block in blocks.distinct_blocks(model, arch, 32):
             x = torch.randn(2, *shape.in_shape)
             with torch.inference_mode():
-                error = common.relative_error(blocks.fold_block(block)(x), block(x))
-            assert error < 1e-5, (shape.label, error)
+                folded, eager = blocks.fold_block(block)(x), block(x)
+            assert_relative_close(folded, eager, TOLERANCES[torch.float32], what=shape.label)
 
 
 def test_fused_rows_need_a_gpu_without_the_interpreter(untimed, monkeypatch):
@@ -231,3 +234,56 @@ def test_run_and_write_has_every_row_on_disk_before_measuring_the_next(tmp_path)
     assert seen_on_disk == [[], [(False, 1)], [(False, 2)]]
     (report,) = [json.loads(path.read_text()) for path in tmp_path.glob("*.json")]
     assert report["complete"] and [row["n"] for row in report["rows"]] == [0, 1, 2]
+
+
+def test_tf32_reaches_the_fused_kernels_and_names_the_rows(untimed, monkeypatch):
+    asked = []
+    real_fuse = models.fuse
+
+    def spy(model, dtype, *, allow_tf32=False):
+        asked.append((dtype, allow_tf32))
+        return real_fuse(model, dtype, allow_tf32=allow_tf32)
+
+    monkeypatch.setattr(blocks.models, "fuse", spy)
+    rows = list(blocks.benchmark_rows(
+        ["resnet18"], [1], ["fused"], torch.float32, torch.device("cpu"),
+        input_size=32, select=lambda shape: shape.name == "stem", allow_tf32=True,
+    ))  # fmt: skip
+    assert asked == [(torch.float32, True)]
+    assert [(r["variant"], r["dtype"], r["status"]) for r in rows] == [
+        ("unfused", "tf32", "ok"),
+        ("fused", "tf32", "ok"),
+    ]
+    assert rows[1]["rel_err"] < 1e-5  # the interpreter computes IEEE float32 whatever it is asked
+
+
+def test_dtype_tf32_on_the_command_line(monkeypatch, tmp_path):
+    monkeypatch.setattr("sys.argv", ["bench.blocks", "--dtype", "tf32", "--device", "cpu", "--out-dir", str(tmp_path)])
+    with common.ieee_float32():  # restores torch's TF32 flags afterwards
+        run = common.parse_run_args(
+            "doc", archs=["resnet18"], batches=[1], choices_flag="--variants", choices=["fused"],
+            compile_budget_s=1.0, cpu_seconds=1.0,
+        )  # fmt: skip
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32  # cuDNN's rows take TF32 too
+    assert (run.dtype, run.allow_tf32, run.precision.name) == (torch.float32, True, "tf32")
+
+
+@pytest.mark.parametrize("script", ["blocks", "model", "serve_throughput"])
+def test_help_names_the_command_to_type(script):
+    done = subprocess.run(
+        [sys.executable, "-m", f"bench.{script}", "--help"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"usage: python -m bench.{script} "), done.stdout.splitlines()[0]
+    if script != "serve_throughput":
+        assert "tf32" in done.stdout
+    else:
+        assert "--out-dir" in done.stdout
+
+
+def test_progress_without_tqdm_logs_one_short_line_per_item(caplog):
+    conv = torch.nn.Conv2d(3, 4, 3)  # whose repr is what a work item used to log
+    items = [("shape-a", conv), ("shape-b", conv)]
+    with caplog.at_level(logging.INFO, logger="bench.common"):
+        assert list(common._logged(items, "blocks", label=lambda item: item[0])) == items
+    assert [record.getMessage() for record in caplog.records] == ["blocks 1/2: shape-a", "blocks 2/2: shape-b"]
