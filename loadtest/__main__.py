@@ -32,6 +32,20 @@ def _csv_list(item_type):
     return parse
 
 
+class _ListAction(argparse.Action):
+    """One flat list from comma-separated and space-separated values alike: `1,4 16 64` -> [1, 4, 16, 64]."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, [item for group in values for item in group])
+
+
+def _list_option(parser: argparse.ArgumentParser, flag: str, item_type, help_text: str, **kwargs) -> None:
+    parser.add_argument(
+        flag, nargs="+", type=_csv_list(item_type), action=_ListAction, help=f"{help_text} (comma or space separated)",
+        **kwargs,
+    )  # fmt: skip
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -53,13 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--host", help="HOST:PORT of a running server to load instead of starting one per backend")
     parser.add_argument("--metrics-url", help="with --host: the server's /metrics URL, for the mean batch size")
-    parser.add_argument("--backends", type=_csv_list(str), help="servers to start; default eager,onnxruntime(,fused)")
+    _list_option(parser, "--backends", str, "servers to start; default eager,onnxruntime(,fused)")
     parser.add_argument("--model", default="digits_resnet", help="served model to call")
     parser.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY, help="where --model is defined")
-    parser.add_argument("--users", type=_csv_list(int), default=[1, 4, 16, 64], help="concurrency steps")
+    _list_option(parser, "--users", int, "concurrency steps, e.g. 1,4,16", default=[1, 4, 16, 64])
     parser.add_argument("--duration", type=int, default=20, help="seconds of load per step")
-    parser.add_argument("--user-classes", type=_csv_list(str), default=["ClassifyUser"],
-                        help="locustfile users: ClassifyUser, ModelInferUser")  # fmt: skip
+    _list_option(
+        parser, "--user-classes", str, "locustfile users: ClassifyUser, ModelInferUser", default=["ClassifyUser"]
+    )
     parser.add_argument("--image-dir", default="", help="JPEG/PNG files for Classify; default: the digits PNGs")
     parser.add_argument("--locust-processes", type=_positive_int, default=1,
                         help="Locust processes sharing each step's users (its --processes): one may not saturate a "
