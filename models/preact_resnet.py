@@ -75,7 +75,7 @@ class PreActResNet(nn.Module):
 
     def __init__(self, config: ResNetConfig) -> None:
         super().__init__()
-        block = {"basic": PreActBasicBlock, "bottleneck": PreActBottleneck}[config.block]
+        block = PreActBasicBlock if config.block == "basic" else PreActBottleneck
         self.config = config
         self.conv1, self.bn1, self.relu, self.maxpool = make_stem(config)
         self.layer1, self.layer2, self.layer3, self.layer4 = make_stages(block, config)

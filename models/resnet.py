@@ -5,7 +5,7 @@ shortcut (`downsample`) is a strided 1x1 convolution followed by BatchNorm.
 """
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import nn
@@ -124,7 +124,15 @@ def make_stem(config: ResNetConfig) -> tuple[nn.Conv2d, nn.BatchNorm2d, nn.ReLU,
     return conv, nn.BatchNorm2d(width), nn.ReLU(inplace=True), maxpool
 
 
-def make_stages(block: type[nn.Module], config: ResNetConfig) -> list[nn.Sequential]:
+class BlockClass(Protocol):
+    """A residual block class: its output has width * expansion channels."""
+
+    expansion: int
+
+    def __call__(self, in_channels: int, width: int, stride: int = 1) -> nn.Module: ...
+
+
+def make_stages(block: BlockClass, config: ResNetConfig) -> list[nn.Sequential]:
     """layer1..layer4; every stage but the first halves the resolution in its first block."""
     stages = []
     in_channels = config.widths[0]
@@ -142,7 +150,7 @@ class ResNet(nn.Module):
 
     def __init__(self, config: ResNetConfig) -> None:
         super().__init__()
-        block = {"basic": BasicBlock, "bottleneck": Bottleneck}[config.block]
+        block = BasicBlock if config.block == "basic" else Bottleneck
         self.config = config
         self.conv1, self.bn1, self.relu, self.maxpool = make_stem(config)
         self.layer1, self.layer2, self.layer3, self.layer4 = make_stages(block, config)

@@ -108,6 +108,9 @@ def init_random(model: nn.Module, seed: int) -> None:
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu", generator=generator)
         elif isinstance(module, nn.BatchNorm2d):
+            # Every BatchNorm here tracks running statistics (the default), so these buffers exist.
+            assert module.running_mean is not None and module.running_var is not None
+            assert module.num_batches_tracked is not None
             module.weight.uniform_(0.5, 1.5, generator=generator)
             module.bias.uniform_(-0.25, 0.25, generator=generator)
             module.running_mean.uniform_(-0.25, 0.25, generator=generator)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sets everything up, then runs ruff and the whole test suite (kernels under the Triton interpreter on a CPU).
+# Sets everything up, then runs ruff, mypy and the whole test suite (kernels under the Triton interpreter on a CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS=test bash scripts/setup.sh
@@ -7,4 +7,5 @@ EXTRAS=test bash scripts/setup.sh
 command -v docker-compose >/dev/null || { apt-get update -qq && apt-get install -y -qq docker-compose >/dev/null; }
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+.venv/bin/mypy  # kernels/, models/, service/: [tool.mypy] in pyproject.toml
 .venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" --durations=15 "$@"

@@ -17,7 +17,8 @@ def check(address: str, service: str = "", timeout_s: float = 3.0) -> bool:
     """True when `service` on the server at `address` reports SERVING within `timeout_s`."""
     with grpc.insecure_channel(address) as channel:
         try:
-            response = health_pb2_grpc.HealthStub(channel).Check(
+            # types-grpcio-health-checking declares HealthStub without its methods; grpc generates Check.
+            response = health_pb2_grpc.HealthStub(channel).Check(  # type: ignore[attr-defined]
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
             )
         except grpc.RpcError as error:

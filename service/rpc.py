@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 import grpc
 
@@ -29,8 +29,6 @@ from service.preprocess import ImageTooLargeError, InvalidImageError
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-RequestT = TypeVar("RequestT")
-ResponseT = TypeVar("ResponseT")
 REQUEST_ID_KEY = "x-request-id"
 # A client's deadline runs from when it sends, ours from when the request arrives: the cancellation a client sends
 # when its deadline passes reaches us with up to the request's transit time still left on our clock (hundreds of ms
@@ -99,25 +97,23 @@ class ScopedServicer(Protocol):
     call_scope: CallScope
 
 
-ServicerT = TypeVar("ServicerT", bound=ScopedServicer)
-Handler = Callable[[ServicerT, RequestT, grpc.aio.ServicerContext], Awaitable[ResponseT]]
+# An RPC method of a servicer: async (self, request, context) -> response.
+HandlerT = TypeVar("HandlerT", bound=Callable[..., Awaitable[Any]])
 
 
-def rpc_handler(
-    model_of: Callable[[RequestT], str] | None = None,
-) -> Callable[[Handler[ServicerT, RequestT, ResponseT]], Handler[ServicerT, RequestT, ResponseT]]:
+def rpc_handler(model_of: Callable[[Any], str] | None = None) -> Callable[[HandlerT], HandlerT]:
     """Decorates a servicer's RPC method so that it runs in the servicer's CallScope, under the method's name and
     the model `model_of(request)` names (none when not given): the one error-mapping path of every handler."""
 
-    def decorate(handler: Handler[ServicerT, RequestT, ResponseT]) -> Handler[ServicerT, RequestT, ResponseT]:
+    def decorate(handler: HandlerT) -> HandlerT:
         method = handler.__name__
 
         @functools.wraps(handler)
-        async def scoped(servicer: ServicerT, request: RequestT, context: grpc.aio.ServicerContext) -> ResponseT:
+        async def scoped(servicer: ScopedServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
             model = "" if model_of is None else model_of(request)
             return await servicer.call_scope.run(method, model, context, lambda: handler(servicer, request, context))
 
-        return scoped
+        return cast(HandlerT, scoped)
 
     return decorate
 
@@ -137,6 +133,7 @@ async def run_blocking(executor: Executor, function: Callable[..., T], *args: ob
 
 def _status_of(error: Exception, method: str, model: str, request_id: str) -> tuple[grpc.StatusCode, str]:
     """The status for `error` and its message, logged: client mistakes at INFO, our bugs with their traceback."""
+    code: grpc.StatusCode | None
     if isinstance(error, RpcError):
         code = error.code
     else:

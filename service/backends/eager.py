@@ -31,7 +31,8 @@ class EagerBackend:
         self.device = device
         self.dtype = dtype
         self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self._model = model.eval().to(device=device, dtype=dtype, memory_format=self._memory_format)
+        # Module.to takes memory_format (torch's docs) though its overloads in torch's stubs leave it out.
+        self._model = model.eval().to(device=device, dtype=dtype, memory_format=self._memory_format)  # type: ignore[call-overload]
         self.run(warm_up_batch(1, input_size))
 
     def run(self, batch: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ def export_onnx(model: nn.Module, input_size: int) -> bytes:
         torch.onnx.export(
             model.eval().cpu().float(),
             (example,),
-            buffer,
+            buffer,  # type: ignore[arg-type]  # a file object works (torch's docs); its annotation says path only
             dynamo=False,
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],

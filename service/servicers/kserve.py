@@ -25,7 +25,7 @@ MODEL_VERSION = "1"
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 # Wire byte order is little-endian, whatever the host's.
-_INPUT_DTYPES = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2")}
+_INPUT_DTYPES: dict[str, np.dtype] = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2")}
 
 
 def _model_name(request: pb.ModelReadyRequest | pb.ModelMetadataRequest) -> str:

@@ -306,5 +306,5 @@ def test_preferred_batch_sizes_are_kept_for_the_policy_and_checked():
     assert make_batcher(RecordingModel(), preferred_batch_sizes=[1, 2, 4]).preferred_batch_sizes == (1, 2, 4)
     assert make_batcher(RecordingModel()).preferred_batch_sizes == ()
     for bad in ([2, 1], [1, 1], [0, 2], [1, 8]):  # max_batch_size is 4
-        with pytest.raises(ValueError, match="preferred_batch_sizes must ascend within 1..4"):
+        with pytest.raises(ValueError, match=r"preferred_batch_sizes must ascend within 1\.\.4"):
             make_batcher(RecordingModel(), preferred_batch_sizes=bad)

@@ -52,7 +52,7 @@ def test_fused_backend_matches_eager(tmp_path: Path):
             indices = [prediction.index for prediction in response.predictions]
             assert indices[0] == int(probabilities.argmax())
             scores = np.array([prediction.score for prediction in response.predictions])
-            # 5e-3: the GPU may compute float32 convolutions in TF32 (DESIGN.md, numerics).
+            # 5e-3: the GPU may compute float32 convolutions in TF32 (docs/ARCHITECTURE.md, "Numerics").
             np.testing.assert_allclose(scores, probabilities[indices].numpy(), rtol=5e-3, atol=1e-5)
 
 

@@ -1,6 +1,6 @@
 """The committed stubs are what the .proto files generate, and our KServe v2 proto is wire-compatible with
 tritonclient's (same package, names, field numbers and types), checked against tritonclient's own descriptors in a
-separate process (both register `inference.*` in protobuf's default pool; see DESIGN.md's gotchas)."""
+separate process (both register `inference.*` in protobuf's default pool; see docs/ARCHITECTURE.md, "Pitfalls")."""
 
 import json
 import subprocess

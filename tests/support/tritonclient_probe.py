@@ -1,7 +1,7 @@
 """Talks to our server with NVIDIA's tritonclient[grpc], unchanged, in a process of its own.
 
 tritonclient registers the protobuf package `inference` too, so it must never share a process with our stubs
-(DESIGN.md, gotchas). Usage: python tests/support/tritonclient_probe.py ADDRESS INPUTS.npz OUTPUTS.npz
+(docs/ARCHITECTURE.md, "Pitfalls"). Usage: python tests/support/tritonclient_probe.py ADDRESS INPUTS.npz OUTPUTS.npz
 INPUTS.npz holds arrays named "<model>:<n>"; their logits go to OUTPUTS.npz under the same names, and the checks'
 results (liveness, readiness, metadata) are printed as JSON.
 """
