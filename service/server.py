@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service._proto import classifier_pb2, classifier_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
+from service.backends.base import AUTO_BACKEND
 from service.metrics import ServiceMetrics
 from service.model_manager import ModelManager
 from service.repository import DEFAULT_REPOSITORY, ModelConfig, load_repository
@@ -44,7 +45,7 @@ class ServerSettings:
     host: str = "0.0.0.0"
     port: int = 50051
     metrics_port: int = 9100  # 0: no metrics endpoint
-    backend: str = "auto"
+    backend: str = AUTO_BACKEND
     model_repository: Path = DEFAULT_REPOSITORY
     grace_period_s: float = 10.0
     max_message_bytes: int = 16 * 1024 * 1024

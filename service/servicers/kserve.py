@@ -28,14 +28,6 @@ OUTPUT_NAME = "logits"
 _INPUT_DTYPES: dict[str, np.dtype] = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2")}
 
 
-def _model_name(request: pb.ModelReadyRequest | pb.ModelMetadataRequest) -> str:
-    return request.name
-
-
-def _infer_model_name(request: pb.ModelInferRequest) -> str:
-    return request.model_name
-
-
 class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     """`is_ready()` is the server's readiness (models settled, not draining)."""
 
@@ -72,7 +64,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=metadata.version(SERVER_NAME), extensions=[])
 
-    @rpc_handler(_model_name)
+    @rpc_handler(lambda request: request.name)
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
@@ -80,7 +72,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         _check_version(model.name, request.version)
         return pb.ModelReadyResponse(ready=model.ready)
 
-    @rpc_handler(_model_name)
+    @rpc_handler(lambda request: request.name)
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
@@ -101,7 +93,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             ],
         )
 
-    @rpc_handler(_infer_model_name)
+    @rpc_handler(lambda request: request.model_name)
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
