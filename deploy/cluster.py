@@ -189,11 +189,8 @@ def build_cluster(args: argparse.Namespace, server_args: Sequence[str]) -> Clust
         environment = dict(os.environ)
         if gpus:
             environment["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
-        replicas.append(
-            Replica(
-                index, HOST, port, metrics_port, tuple(server_args), environment, args.log_dir / f"replica-{index}.log"
-            )  # fmt: skip
-        )
+        log_path = args.log_dir / f"replica-{index}.log"
+        replicas.append(Replica(index, HOST, port, metrics_port, tuple(server_args), environment, log_path))
     admin_port = args.admin_port or free_ports(1)[0]
     settings = EnvoySettings(
         grpc_upstreams=tuple(Upstream(HOST, replica.port) for replica in replicas),

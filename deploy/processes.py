@@ -45,7 +45,7 @@ def _spawn(
             stderr=subprocess.STDOUT,
             env=dict(environment),
             start_new_session=own_session,
-            preexec_fn=_terminate_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
+            preexec_fn=_terminate_with_parent if sys.platform == "linux" else None,
         )
 
 

@@ -66,8 +66,8 @@ class ClusterProcess:
         return f"127.0.0.1:{self.port}"
 
     def logs(self) -> str:
-        parts = [f"--- {path.name}\n{path.read_text(errors='replace')[-6000:]}" for path in sorted(self.log_dir.glob("*.log"))]
-        return "\n".join([f"--- stderr\n{self.stderr_path.read_text(errors='replace')[-6000:]}", *parts])
+        paths = [self.stderr_path, *sorted(self.log_dir.glob("*.log"))]
+        return "\n".join(f"--- {path.name}\n{path.read_text(errors='replace')[-6000:]}" for path in paths)
 
     def wait_until_ready(self, timeout_s: float) -> str:
         """The one line the cluster prints when every replica is ready."""
@@ -179,8 +179,12 @@ class ClosedLoopCallers:
     def _call_in_a_loop(self, index: int) -> None:
         image = np.random.default_rng(index).standard_normal((1, 3, 32, 32), dtype=np.float32)
         tensor = pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=image.shape)
-        request = pb.ModelInferRequest(model_name="digits_resnet", inputs=[tensor], raw_input_contents=[image.tobytes()])
-        with grpc.insecure_channel(self.address) as channel:  # one connection per caller, as separate clients have
+        contents = [image.tobytes()]
+        request = pb.ModelInferRequest(model_name="digits_resnet", inputs=[tensor], raw_input_contents=contents)
+        # A subchannel pool of its own: one connection per caller, as separate clients have (channels to one address
+        # otherwise share one).
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        with grpc.insecure_channel(self.address, options=options) as channel:
             stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
             while not self._stop.is_set():
                 try:
