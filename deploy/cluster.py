@@ -66,13 +66,20 @@ def visible_gpus() -> list[str]:
     return listed.stdout.split() if listed.returncode == 0 else []
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="./scripts/cluster.sh",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--replicas", type=int, help="replicas to run; default: one per GPU, or 1 without GPUs")
+    parser.add_argument("--replicas", type=_positive_int, help="replicas; default: one per GPU, or 1 without GPUs")
     parser.add_argument("--port", type=int, default=8080, help="where clients connect (gRPC), on 127.0.0.1")
     parser.add_argument("--admin-port", type=int, default=9901, help="Envoy's admin API, on 127.0.0.1; 0: free port")
     parser.add_argument("--replica-port-base", type=int, default=50061,

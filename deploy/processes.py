@@ -49,6 +49,11 @@ def _spawn(
         )
 
 
+def children(pid: int) -> list[int]:
+    """The pids of `pid`'s children (Linux /proc)."""
+    return [int(child) for child in (Path("/proc") / str(pid) / "task" / str(pid) / "children").read_text().split()]
+
+
 def wait_for_exit(process: subprocess.Popen, timeout_s: float) -> int:
     """The exit code; a process still running after `timeout_s` is killed and reported as -SIGKILL."""
     try:
@@ -153,8 +158,11 @@ class Envoy:
         return sum(int(line.rpartition(": ")[2]) for line in lines if line.strip())
 
     def drain(self, timeout_s: float) -> None:
-        """Stop taking requests (GOAWAY to clients, listeners closed), then wait for the ones in flight."""
+        """Stop taking requests, then wait for the ones in flight. Graceful: for the drain time Envoy still serves
+        while it tells clients to go away (GOAWAY), then closes its listeners (new connections are refused); its
+        statistics do not show that moment, so it is waited for by the clock."""
         self.admin("/drain_listeners?graceful", method="POST")
+        time.sleep(self.drain_s)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.downstream_requests_active() == 0:

@@ -16,9 +16,12 @@ import time
 from collections.abc import Callable
 
 import grpc
+import yaml
 
+from deploy.cluster import build_cluster, build_parser
+from deploy.processes import children
 from service._proto import classifier_pb2, classifier_pb2_grpc
-from tests.support.cluster import ClosedLoopCallers, ClusterProcess, children, cleaned_up, start_cluster
+from tests.support.cluster import ClosedLoopCallers, ClusterProcess, cleaned_up, start_cluster
 from tests.support.server import REPO_ROOT
 
 READY_TIMEOUT_S = 120.0  # three replicas loading on two busy cores
@@ -96,9 +99,36 @@ def test_sigkill_and_sigterm_of_replicas_under_load_fail_no_request(tmp_path):
         assert cluster.stop(timeout_s=60) == 0, cluster.logs()
 
 
+def test_each_replica_gets_its_own_ports_and_gpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    argv = ["--replicas", "3", "--port", "8080", "--log-dir", str(tmp_path)]
+    args, server_args = build_parser().parse_known_args([*argv, "--backend", "eager", "--grace-period", "4"])
+    cluster = build_cluster(args, server_args)
+
+    assert [replica.environment["CUDA_VISIBLE_DEVICES"] for replica in cluster.replicas] == ["3", "5", "3"]
+    assert [(replica.port, replica.metrics_port) for replica in cluster.replicas] == [(50061, 9101), (50062, 9102),
+                                                                                      (50063, 9103)]  # fmt: skip
+    assert all(replica.server_args == ("--backend", "eager", "--grace-period", "4") for replica in cluster.replicas)
+    upstreams = yaml.safe_load((tmp_path / "envoy.yaml").read_text())["static_resources"]["clusters"][0]
+    endpoints = [endpoint["endpoint"]["address"]["socket_address"] for endpoint in
+                 upstreams["load_assignment"]["endpoints"][0]["lb_endpoints"]]  # fmt: skip
+    assert [(address["address"], address["port_value"]) for address in endpoints] == [
+        ("127.0.0.1", replica.port) for replica in cluster.replicas
+    ]
+
+
+def test_replicas_that_cannot_serve_fail_the_cluster_with_their_reason(tmp_path):
+    missing = tmp_path / "missing.toml"
+    cluster = start_cluster([sys.executable, "-m", "deploy.cluster"], 1, tmp_path, "--model-repository", str(missing))
+    with cleaned_up(cluster):
+        assert cluster.process.wait(timeout=READY_TIMEOUT_S) == 1
+    assert str(missing) in cluster.stderr_path.read_text()
+    assert cluster.stdout_path.read_text() == ""  # never said ready
+
+
 def test_cluster_script_serves_loadtest_and_drains_its_process_group_on_sigterm(tmp_path):
     """`./scripts/cluster.sh` as the README runs it (setup included): every replica is its child in its process group,
-    `python -m loadtest --host` runs unchanged through Envoy, and SIGTERM drains everything with exit 0."""
+    `python -m loadtest --host` runs unchanged through Envoy, and SIGTERM under load drains everything with exit 0."""
     cluster = start_cluster([str(REPO_ROOT / "scripts" / "cluster.sh")], 2, tmp_path)
     with cleaned_up(cluster):
         ready_line = cluster.wait_until_ready(READY_TIMEOUT_S)
@@ -122,6 +152,12 @@ def test_cluster_script_serves_loadtest_and_drains_its_process_group_on_sigterm(
         assert step["requests"] > 0 and step["failures"] == 0
         assert all(successes(cluster, port) > 0 for port in replicas), cluster.host_stats()
 
-        everything = [*children(cluster.process.pid)]
-        assert cluster.stop(timeout_s=60) == 0, cluster.logs()
+        everything = children(cluster.process.pid)
+        # Stopped under load: Envoy drains before the replicas stop, so no request is cut once it was taken; after
+        # Envoy has closed its listener, callers can only fail to connect.
+        with ClosedLoopCallers(cluster.address, count=4) as callers:
+            wait_for(lambda: callers.answered >= 100, 60, "answers before the SIGTERM")
+            assert cluster.stop(timeout_s=60) == 0, cluster.logs()
         assert not [pid for pid in everything if os.path.exists(f"/proc/{pid}")], "a child outlived the cluster"
+        cut = [failure for _, failure in callers.failures if "failed to connect" not in failure]
+        assert cut == [] and callers.codes[grpc.StatusCode.OK] >= 100, cut[:5]

@@ -22,6 +22,7 @@ import grpc
 import numpy as np
 
 from deploy.cluster import GRPC_CLUSTER
+from deploy.processes import children
 from service._proto import grpc_service_pb2 as pb
 from service._proto import grpc_service_pb2_grpc
 from tests.support.server import CPU_ONLY, REPO_ROOT, free_port, write_repository
@@ -33,19 +34,6 @@ DIGITS_REPOSITORY = {
         "max_batch_size": 16, "max_queue_delay_us": 1000,
     }
 }  # fmt: skip
-
-
-def children(pid: int) -> list[int]:
-    """The pids whose parent is `pid` (Linux /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                # The command name, in parentheses, may hold spaces: the fields after its closing one are plain.
-                fields = (entry / "stat").read_text().rpartition(")")[2].split()
-                if int(fields[1]) == pid:
-                    found.append(int(entry.name))
-    return found
 
 
 def command_line(pid: int) -> list[str]:
