@@ -10,7 +10,7 @@ import argparse
 import json
 import logging
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -106,16 +106,9 @@ COMPOSE = EnvoySettings(
     admin_port=9901,
     stats_port=9902,
 )
-# Kubernetes: the headless Service resolves to the ready pods' addresses (a ClusterIP Service would hand Envoy one
-# virtual address, and balance connections instead of requests).
-KUBERNETES = EnvoySettings(
-    grpc_upstreams=(Upstream("resnet-server-headless", 50051),),
-    discovery="STRICT_DNS",
-    listen_address="0.0.0.0",
-    grpc_port=8080,
-    admin_port=9901,
-    stats_port=9902,
-)
+# Kubernetes: the same but for the name. The headless Service resolves to the ready pods' addresses (a ClusterIP
+# Service would hand Envoy one virtual address, and balance connections instead of requests).
+KUBERNETES = replace(COMPOSE, grpc_upstreams=(Upstream("resnet-server-headless", 50051),))
 
 
 def compose_rendering() -> str:
