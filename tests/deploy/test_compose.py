@@ -117,8 +117,8 @@ def published_ports(service: Mapping) -> dict[int, int]:
 
 
 def test_compose_file_is_valid_with_each_profile():
-    assert sorted(compose("config", "--profiles").split()) == ["cpu", "loadtest"]
-    for profile in ("cpu", "loadtest"):
+    assert sorted(compose("config", "--profiles").split()) == ["cluster", "cpu", "loadtest"]
+    for profile in ("cluster", "cpu", "loadtest"):
         compose("--profile", profile, "config", "--quiet")
 
 
@@ -141,7 +141,8 @@ def test_images_install_a_torch_the_project_accepts(services: dict[str, dict]):
 
 
 def test_services_ports_profiles_and_gpu_reservation(services: dict[str, dict]):
-    assert set(services) == {"server", "server-cpu", "prometheus", "locust-master", "locust-worker"}
+    # The cluster profile's replica and envoy: tests/deploy/test_compose_cluster.py.
+    assert set(services) == {"server", "server-cpu", "prometheus", "locust-master", "locust-worker", "replica", "envoy"}
     assert "profiles" not in services["server"] and "profiles" not in services["prometheus"]
     assert services["server-cpu"]["profiles"] == ["cpu"]
     assert services["locust-master"]["profiles"] == services["locust-worker"]["profiles"] == ["loadtest"]
@@ -187,7 +188,12 @@ def test_wiring_between_services_names_their_ports(services: dict[str, dict]):
     assert (REPO_ROOT / "loadtest" / "locustfile.py").is_file()
     assert healthcheck_command("server")[-1] == f"127.0.0.1:{flag_value(server_command, '--port')}"
 
-    scrape = yaml.safe_load(PROMETHEUS_CONFIG.read_text())["scrape_configs"]
+    # The cluster profile's jobs: tests/deploy/test_compose_cluster.py.
+    scrape = [
+        job
+        for job in yaml.safe_load(PROMETHEUS_CONFIG.read_text())["scrape_configs"]
+        if job["job_name"] == "resnet-server"
+    ]
     targets = [target for job in scrape for config in job["static_configs"] for target in config["targets"]]
     assert sorted(targets) == ["server-cpu:9100", "server:9100"]
     # Named, not just fetched below: prometheus_client's HTTP server answers every path with the metrics.
