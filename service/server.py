@@ -34,7 +34,7 @@ HEALTH_SERVICES = ("", CLASSIFIER_SERVICE, INFERENCE_SERVICE)
 
 
 class ServerStartError(RuntimeError):
-    """A port could not be bound."""
+    """A port could not be bound, or the kernel cache directory could not be made."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,7 @@ class ServerSettings:
     max_pixels: int = 40_000_000
     queue_size: int = 256
     decode_threads: int = 2
+    kernel_cache_dir: Path | None = None  # Triton's compiled kernels and autotune results; None: not kept
 
 
 class InferenceServer:
@@ -143,9 +144,21 @@ class InferenceServer:
             logger.info("all models settled; server %s", "ready" if ready else "NOT ready: no model could load")
 
 
+def use_kernel_cache(root: Path) -> None:
+    """Compiled kernels and autotune results under root/<card, driver, torch, Triton>, before any model loads."""
+    from kernels.autotune import use_cache_dir  # here: without the flag, serving eager never imports Triton
+
+    try:
+        use_cache_dir(root)
+    except OSError as error:
+        raise ServerStartError(f"--kernel-cache-dir {root}: {error}") from error
+
+
 async def serve(settings: ServerSettings) -> None:
     """Runs the server until SIGTERM or SIGINT, then shuts it down gracefully."""
     configs = load_repository(settings.model_repository)
+    if settings.kernel_cache_dir is not None:
+        use_kernel_cache(settings.kernel_cache_dir)
     server = InferenceServer(settings, configs)
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()

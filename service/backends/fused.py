@@ -44,13 +44,16 @@ class FusedBackend:
                 "Use --backend onnxruntime or eager on this machine."
             )
         import models  # here, not at module import: models.fuse imports the kernels, which fixes interpret mode
+        from kernels import autotune
 
         self.device = device
         self.dtype = dtype
         self._module = models.fuse(model.eval().to(device), dtype)
         self._graphs = None
         if device.type == "cuda":
+            settled = autotune.outcome_counts()
             self._graphs = _GraphedBuckets(self._module, input_size, max_batch_size, device)
+            logger.info("%s", autotune.describe_outcomes(autotune.outcome_counts() - settled))
         # Under the interpreter there is nothing to compile or autotune, so no warm-up: it would only cost minutes.
 
     def run(self, batch: torch.Tensor) -> torch.Tensor:
