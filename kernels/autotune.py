@@ -3,13 +3,14 @@ every autotuner built and of what each launch ran.
 
 Each kernel form builds its autotuner with `autotune(name, configs, key)`: the key lists every launcher argument
 (constexprs passed as keywords included: stride, fusion flags) that changes which config is best, and Triton adds the
-dtype of every tensor argument. The kernel form itself needs no key: each form is its own autotuner, and Triton's
-on-disk entries are keyed by the kernel's source.
+dtype of every tensor argument. A kernel form that is its own @triton.jit function is its own autotuner (and Triton's
+on-disk entries are keyed by the kernel's source); a form chosen by a constexpr of a shared kernel belongs in the key.
 
 Persistence: after `use_cache_dir(root)`, Triton's cache (compiled kernels, and each tuning key's candidate timings
 as `<kernel>.autotune.json`) lives in `root/<platform tag>`, one directory per card, driver, torch and Triton version,
 so a restart on the same platform reads its configs instead of timing the candidates again, while an H100 and an
-H200 (both sm_90, which Triton's own cache key cannot tell apart) never share timings. Without it nothing is written.
+H200 (both sm_90, which Triton's own cache key cannot tell apart) never share timings. Without it, compiled kernels
+go to Triton's default cache and no autotune result is kept.
 
 `autotuners()` lists what has been built; `outcome_counts()` says how many tuning keys were timed here ("tuned") and
 how many read from the directory ("cached"); `recording_launches()` lists the tuning key and config of each launch.
