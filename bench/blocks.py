@@ -6,13 +6,15 @@ with the same kind, input shape and stride is timed once. Each block runs as:
 - unfused: the eager block (conv → BN → ReLU → add; cuDNN on a GPU, oneDNN on a CPU), channels_last;
 - folded: the same with every foldable BN folded into its conv (a pre-activation block keeps its input BN);
 - compile, compile-max-autotune: torch.compile of the unfused block (dynamic=False), within --compile-budget-s;
-- fused: our Triton kernels (models.fuse), NHWC. GPU only: on a CPU the row says "needs GPU".
+- fused: our Triton kernels (models.fuse), NHWC. On a CPU only under TRITON_INTERPRET=1, else the row says "needs GPU".
 
-Median and p20/p80 ms (triton.testing.do_bench on a GPU, a perf_counter loop on a CPU), TFLOP/s (convolution FLOPs),
-GB/s (the block's compulsory traffic: input, output and weights once each, whatever the variant reads in fact),
-speed-up against unfused, and the relative error against the unfused block in IEEE float32. `--dtype tf32`: float32
-tensors with TF32 products for every variant (cuDNN's and ours). Writes
-bench/results/blocks_<device>_<dtype>_<date>.{json,md,png}.
+On a GPU every variant is timed inside a CUDA graph (timing "cuda-graph": triton.testing.do_bench_cudagraph), so no
+row counts launch cost, which a whole model run in a CUDA graph does not pay either: a block's 3-4 launches cost
+more than its kernels at small batch. On a CPU, the clock around each call ("wall"). Median and p20/p80 ms, TFLOP/s
+(convolution FLOPs), GB/s (the block's compulsory traffic: input, output and weights once each, whatever the variant
+reads in fact), speed-up against unfused, and the relative error against the unfused block in IEEE float32.
+`--dtype tf32`: float32 tensors with TF32 products for every variant (cuDNN's and ours). Writes
+bench/results/blocks_<device>_<dtype>_<versions>_<date>.{json,md,png}; --dry-run lists the rows instead.
 
     python -m bench.blocks [--device cuda] [--dtype bfloat16] [--arch resnet50 ...] [--batch 1 8 32 128]
 """
@@ -36,6 +38,8 @@ from bench.common import (
     Skipped,
     bench_ms,
     compile_fresh,
+    device_timing,
+    dry_run,
     ieee_float32,
     kernels_run_on,
     parse_run_args,
@@ -51,7 +55,9 @@ from models.resnet import Bottleneck
 
 ARCHES = ("resnet18", "resnet50", "preact_resnet18", "preact_resnet50")
 VARIANTS = ("unfused", "folded", "compile", "compile-max-autotune", "fused")
-COMPILE_MODES = {"compile": "default", "compile-max-autotune": "max-autotune"}
+# max-autotune without its own CUDA graphs: every variant is timed inside our graph capture, and one captured inside
+# another's does not work. Inductor's template autotuning (what max-autotune adds) is kept.
+COMPILE_MODES = {"compile": "default", "compile-max-autotune": "max-autotune-no-cudagraphs"}
 
 logger = logging.getLogger("bench.blocks")
 
@@ -266,8 +272,9 @@ def bench_shape(
         except Skipped as skipped:
             rows.append(row | {"status": "skipped", "reason": str(skipped)})
             continue
+        # Also the warm-up: autotuning happens outside the graph.
         row["rel_err"] = relative_error(fn(x), reference, dtype=torch.float32)
-        row |= bench_ms(lambda fn=fn: fn(x), device, cpu_budget_s=cpu_seconds)
+        row |= bench_ms(lambda fn=fn: fn(x), device_timing(device, graph=True), budget_s=cpu_seconds)
         seconds = row["median_ms"] / 1e3
         row["tflops"] = shape.flops * batch / seconds / 1e12
         row["gbps"] = elements * x.element_size() / seconds / 1e9
@@ -290,6 +297,18 @@ def fused_model(
     return models.fuse(copy.deepcopy(model).to(device), dtype, allow_tf32=allow_tf32)
 
 
+def arch_blocks(
+    archs: list[str], input_size: int, select: Callable[[BlockShape], bool] = lambda shape: True
+) -> list[tuple[nn.Module, list[tuple[BlockShape, nn.Module]]]]:
+    """Per arch: the seeded model, and its distinct blocks that `select` keeps."""
+    work = []
+    for arch in archs:
+        model = models.build(arch, weights="random", seed=0)
+        shapes = [(shape, block) for shape, block in distinct_blocks(model, arch, input_size) if select(shape)]
+        work.append((model, shapes))
+    return work
+
+
 def benchmark_rows(
     archs: list[str],
     batches: list[int],
@@ -308,16 +327,22 @@ def benchmark_rows(
     variants = ["unfused", *(v for v in variants if v != "unfused")]
     budget = CompileBudget(compile_budget_s)
     work = []
-    for arch in archs:
-        model = models.build(arch, weights="random", seed=0)
+    for model, shapes in arch_blocks(archs, input_size, select):
         fused = fused_model(model, dtype, device, allow_tf32) if "fused" in variants else None
-        shapes = [(shape, block) for shape, block in distinct_blocks(model, arch, input_size) if select(shape)]
         work += [(shape, block, fused, batch) for shape, block in shapes for batch in batches]
     with torch.inference_mode():
         for shape, block, fused, batch in progress(
             work, "blocks", label=lambda item: f"{item[0].label}, batch {item[3]}"
         ):
             yield from bench_shape(shape, block, fused, batch, variants, dtype, device, budget, cpu_seconds, allow_tf32)
+
+
+def plan(archs: list[str], batches: list[int], variants: list[str], device: torch.device, input_size: int) -> list[str]:
+    """One line per row `benchmark_rows` would yield (what --dry-run lists)."""
+    timing = device_timing(device, graph=True)
+    variants = ["unfused", *(v for v in variants if v != "unfused")]
+    shapes = [shape for _, arch_shapes in arch_blocks(archs, input_size) for shape, _ in arch_shapes]
+    return [f"{s.label}, batch {b}: {v}, timing {timing}" for s in shapes for b in batches for v in variants]
 
 
 COLUMNS = (
@@ -331,6 +356,7 @@ COLUMNS = (
     Column("GB/s", "gbps", "{:.1f}"),
     Column("speed-up", "speedup", "{:.2f}x"),
     Column("rel. error", "rel_err", "{:.1e}"),
+    Column("timing", "timing"),
     Column("note", "reason"),
 )
 
@@ -407,6 +433,9 @@ def main() -> None:
         compile_budget_s=300.0,
         cpu_seconds=2.0,
     )
+    if run.dry_run:
+        dry_run(run, plan(run.archs, run.batches, run.choices, run.device, run.input_size))
+        return
     rows = benchmark_rows(
         run.archs, run.batches, run.choices, run.dtype, run.device,
         input_size=run.input_size, compile_budget_s=run.compile_budget_s, cpu_seconds=run.cpu_seconds,

@@ -1,7 +1,11 @@
 """Helpers the benchmark scripts share: timing with quantiles, the machine's description, and result files.
 
 A result is written as `<stem>.json` (everything) and `<stem>.md` (a table of the rows), where the stem names the
-question, the device and the UTC time, so results from different cards and days sit side by side in bench/results/.
+question, the device, the dtype, the torch and Triton versions and the UTC time, so results from different cards,
+versions and days sit side by side in bench/results/.
+
+Every timed row says how it was timed (its "timing", one of TIMINGS): device time inside a CUDA graph, CUDA events
+around each call, or the host's clock around a call that ends synchronized.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ import os
 import platform
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +32,21 @@ from models.precision import PRECISIONS, Precision
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUANTILES = (0.5, 0.2, 0.8)  # median, p20, p80: the order triton.testing.do_bench returns them in
+
+CUDA_GRAPH, CUDA_EVENTS, WALL = "cuda-graph", "cuda-events", "wall"
+PROFILER_CUDA, PROFILER_CPU = "profiler-cuda", "profiler-cpu"
+TIMINGS = {
+    CUDA_GRAPH: "device time only: the call captured many times back to back in one CUDA graph, replayed "
+    "(triton.testing.do_bench_cudagraph); no launch cost, L2 warm from the previous call",
+    CUDA_EVENTS: "CUDA events around each call (triton.testing.do_bench, L2 flushed before each): device time, "
+    "plus any time the GPU waits for the host to launch",
+    WALL: "the host's clock around each call, which ends synchronized: everything a caller waits for",
+    PROFILER_CUDA: "torch.profiler: the CUDA time of the kernels launched inside the range, as CUPTI measured them "
+    "(device only, no launch gaps)",
+    PROFILER_CPU: "torch.profiler: the range's CPU time (on a CPU the kernels run in the Triton interpreter)",
+}
+# Milliseconds of calls per CUDA graph replay; ten replays give the quantiles.
+GRAPH_REP_MS = 10
 
 logger = logging.getLogger(__name__)
 
@@ -90,25 +110,41 @@ def quantiles_ms(seconds: Sequence[float]) -> tuple[float, float, float]:
     return tuple(float(np.quantile(seconds, q)) * 1e3 for q in QUANTILES)
 
 
-def bench_ms(fn: Callable[[], object], device: torch.device, cpu_reps: int = 20, cpu_budget_s: float = 5.0) -> dict:
-    """{"median_ms", "p20_ms", "p80_ms", "reps"} of `fn`: triton's do_bench on a GPU (it flushes L2 and syncs),
-    a perf_counter loop on a CPU (two warm-up calls: oneDNN picks and JITs its kernels on the first ones; then
-    up to `cpu_reps` calls within `cpu_budget_s`, and at least five whatever they cost, so that p20/p80 mean something:
-    ResNet-50 at batch 256 takes ~15 s a call on this machine's two cores)."""
-    if device.type == "cuda":
-        import triton.testing
+def device_timing(device: torch.device, graph: bool = False) -> str:
+    """How a call on `device` is timed: in a CUDA graph (`graph`) or by CUDA events on a GPU, by the clock on a CPU."""
+    if device.type != "cuda":
+        return WALL
+    return CUDA_GRAPH if graph else CUDA_EVENTS
 
+
+def bench_ms(fn: Callable[[], object], timing: str, reps: int = 20, budget_s: float = 5.0) -> dict:
+    """{"median_ms", "p20_ms", "p80_ms", "reps", "timing"} of `fn`, timed as `timing` (a TIMINGS key) says.
+
+    WALL: two warm-up calls (oneDNN picks and JITs its kernels on the first ones; a GPU backend allocates), then up to
+    `reps` calls within `budget_s`, and at least five whatever they cost, so that p20/p80 mean something: ResNet-50 at
+    batch 256 takes ~15 s a call on this machine's two cores. `fn` must return only once its work is done.
+    """
+    if timing == WALL:
+        seconds = time_cpu(fn, warmup=2, reps=reps, budget_s=budget_s, min_reps=min(5, reps))
+        median, p20, p80 = quantiles_ms(seconds)
+        return {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "reps": len(seconds), "timing": timing}
+    import triton.testing
+
+    if timing == CUDA_GRAPH:
+        median, p20, p80 = triton.testing.do_bench_cudagraph(fn, rep=GRAPH_REP_MS, quantiles=list(QUANTILES))
+    elif timing == CUDA_EVENTS:
         median, p20, p80 = triton.testing.do_bench(fn, quantiles=list(QUANTILES))
-        return {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "reps": None}
-    seconds = time_cpu(fn, warmup=2, reps=cpu_reps, budget_s=cpu_budget_s, min_reps=min(5, cpu_reps))
-    median, p20, p80 = quantiles_ms(seconds)
-    return {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "reps": len(seconds)}
+    else:
+        raise ValueError(f"timing must be one of {', '.join(TIMINGS)}, got {timing!r}")
+    return {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "reps": None, "timing": timing}
 
 
 def machine() -> dict:
-    """Host, CPU, GPU and library versions: what a reader needs to compare two result files."""
+    """Host, CPU, GPU, driver and library versions: what a reader needs to compare two result files."""
     import onnxruntime  # here: only the result header needs it
     import triton
+
+    from kernels.autotune import driver_version
 
     cpu_names = [
         line.split(":", 1)[1].strip()
@@ -120,7 +156,9 @@ def machine() -> dict:
         "cpu": cpu_names[0] if cpu_names else platform.processor(),
         "cpus_usable": len(os.sched_getaffinity(0)),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "driver": driver_version() if torch.cuda.is_available() else None,
         "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
         "torch": torch.__version__,
         "triton": triton.__version__,
         "onnxruntime": onnxruntime.__version__,
@@ -135,9 +173,17 @@ def device_tag(device: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
 
 
+def versions_tag() -> str:
+    """The torch and Triton versions as a file-name fragment: "torch-2.11.0+cu130_triton-3.6.0"."""
+    import triton
+
+    return f"torch-{torch.__version__}_triton-{triton.__version__}"
+
+
 def result_stem(question: str, device: torch.device, precision: str, now: datetime.datetime) -> str:
-    """File name without suffix: blocks_cpu_float32_20261126T163405 (`precision`: a models.precision name)."""
-    return f"{question}_{device_tag(device)}_{precision}_{now:%Y%m%dT%H%M%S}"
+    """File name without suffix: blocks_nvidia-h200_bfloat16_torch-2.11.0+cu130_triton-3.6.0_20261201T163405
+    (`precision`: a models.precision name)."""
+    return f"{question}_{device_tag(device)}_{precision}_{versions_tag()}_{now:%Y%m%dT%H%M%S}"
 
 
 @dataclass(frozen=True)
@@ -167,15 +213,20 @@ def write_results(
     summary_columns: Sequence[Column] = (),
 ) -> list[Path]:
     """`report` (with a "rows" list and a "machine" dict) as <stem>.json and <stem>.md; returns both paths. With
-    `summary_columns`, the markdown starts with the table of report["summary"]."""
+    `summary_columns`, the markdown starts with the table of report["summary"]; the timings the rows used are
+    explained under the header."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     header = ", ".join(f"{key} {value}" for key, value in report["machine"].items() if value is not None)
+    used = dict.fromkeys(row["timing"] for row in report["rows"] if row.get("timing"))
+    legend = "".join(f"- timing `{timing}`: {TIMINGS[timing]}\n" for timing in used)
+    if legend:
+        legend += "\n"
     tables = markdown_table(report["rows"], columns)
     if summary_columns:
         tables = f"## Summary\n\n{markdown_table(report['summary'], summary_columns)}\n## Rows\n\n{tables}"
-    md_path.write_text(f"# {title}\n\n{report['date']}; {header}\n\n{tables}")
+    md_path.write_text(f"# {title}\n\n{report['date']}; {header}\n\n{legend}{tables}")
     return [json_path, md_path]
 
 
@@ -235,7 +286,7 @@ def pyplot():
 
 @dataclass(frozen=True)
 class RunArgs:
-    """The command line both benchmark scripts share; `choices` is their one differing list (variants, backends)."""
+    """The command line the benchmark scripts share; `choices` is the list each one names (variants, backends)."""
 
     device: torch.device
     dtype: torch.dtype
@@ -247,6 +298,9 @@ class RunArgs:
     cpu_seconds: float
     out_dir: Path
     allow_tf32: bool = False  # --dtype tf32: float32 with TF32 products, in our kernels and in cuDNN/cuBLAS
+    inputs: list[str] = field(default_factory=list)  # bench.model: where each batch starts (device, pinned, ...)
+    reps: int = 0  # bench.layers: profiled forward passes per batch
+    dry_run: bool = False
 
     @property
     def precision(self) -> Precision:
@@ -258,47 +312,90 @@ def parse_run_args(
     *,
     archs: Sequence[str],
     batches: Sequence[int],
-    choices_flag: str,
-    choices: Sequence[str],
-    compile_budget_s: float,
-    cpu_seconds: float,
+    default_archs: Sequence[str] | None = None,
+    choices_flag: str | None = None,
+    choices: Sequence[str] = (),
+    inputs: Sequence[str] = (),
+    compile_budget_s: float | None = None,
+    cpu_seconds: float | None = None,
+    reps: int | None = None,
+    argv: Sequence[str] | None = None,
 ) -> RunArgs:
-    """Parses --device --dtype --arch --batch <choices_flag> --input-size --compile-budget-s --cpu-seconds --out-dir,
-    sets up logging, and sets TF32 for cuDNN and cuBLAS as --dtype says: off for float32 (rows compare IEEE float32
-    with IEEE float32, as our kernels do unless asked), on for tf32 (every row may take TF32, ours included)."""
+    """Parses --device --dtype --arch --batch --input-size --out-dir --kernel-cache-dir --dry-run, and those of
+    <choices_flag>, --inputs, --compile-budget-s, --cpu-seconds and --reps that the caller gives defaults for; sets up
+    logging, sets TF32 for cuDNN and cuBLAS as --dtype says (off for float32: rows compare IEEE float32 with IEEE
+    float32, as our kernels do unless asked; on for tf32: every row may take TF32, ours included) and points the
+    kernels' cache at --kernel-cache-dir."""
     parser = argparse.ArgumentParser(
         prog=command_name(), description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=torch.device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--dtype", choices=PRECISIONS, default=None, help="default: bfloat16 on CUDA, float32 on a CPU; tf32: GPU only"
     )
-    parser.add_argument("--arch", nargs="+", choices=archs, default=list(archs))
-    parser.add_argument("--batch", nargs="+", type=int, default=list(batches))
-    parser.add_argument(choices_flag, nargs="+", choices=choices, default=list(choices))
-    parser.add_argument("--input-size", type=int, default=224)
-    parser.add_argument(
-        "--compile-budget-s", type=float, default=compile_budget_s, help="seconds torch.compile may take"
-    )
-    parser.add_argument("--cpu-seconds", type=float, default=cpu_seconds, help="timing budget per row on a CPU")
+    parser.add_argument("--arch", nargs="+", choices=archs, default=list(default_archs or archs))
+    parser.add_argument("--batch", nargs="+", type=_positive_int, default=list(batches))
+    if choices_flag is not None:
+        parser.add_argument(choices_flag, dest="choices", nargs="+", choices=choices, default=list(choices))
+    if inputs:
+        parser.add_argument("--inputs", nargs="+", choices=inputs, default=list(inputs), help="where a batch starts")
+    parser.add_argument("--input-size", type=_positive_int, default=224)
+    if compile_budget_s is not None:
+        parser.add_argument("--compile-budget-s", type=float, default=compile_budget_s, help="torch.compile seconds")
+    if cpu_seconds is not None:
+        parser.add_argument("--cpu-seconds", type=float, default=cpu_seconds, help="timing budget per row on a CPU")
+    if reps is not None:
+        parser.add_argument("--reps", type=_positive_int, default=reps, help="profiled passes per batch")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    parser.add_argument(
+        "--kernel-cache-dir",
+        type=Path,
+        help="keep compiled kernels and autotune results here, per platform, as the server's flag of that name does",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="check the arguments and list the rows, measuring nothing (any machine)"
+    )
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    device = torch.device(args.device)
-    precision = PRECISIONS[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    precision = PRECISIONS[args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32")]
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision.allow_tf32
+    if args.kernel_cache_dir is not None and not args.dry_run:
+        from kernels import use_cache_dir
+
+        use_cache_dir(args.kernel_cache_dir)
     return RunArgs(
-        device=device,
+        device=args.device,
         dtype=precision.dtype,
         archs=args.arch,
         batches=args.batch,
-        choices=getattr(args, choices_flag.removeprefix("--").replace("-", "_")),
+        choices=getattr(args, "choices", []),
         input_size=args.input_size,
-        compile_budget_s=args.compile_budget_s,
-        cpu_seconds=args.cpu_seconds,
+        compile_budget_s=getattr(args, "compile_budget_s", 0.0),
+        cpu_seconds=getattr(args, "cpu_seconds", 0.0),
         out_dir=args.out_dir,
         allow_tf32=precision.allow_tf32,
+        inputs=getattr(args, "inputs", []),
+        reps=getattr(args, "reps", 0),
+        dry_run=args.dry_run,
     )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def dry_run(run: RunArgs, plan: Sequence[str]) -> None:
+    """What --dry-run does: checks that the results folder can be written and logs the rows a run would measure."""
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=run.out_dir):
+        pass
+    dtype = str(run.dtype).removeprefix("torch.")
+    logger.info("dry run on %s, %s: %d rows would be measured, into %s", run.device, dtype, len(plan), run.out_dir)
+    for line in plan:
+        logger.info("  %s", line)
 
 
 def run_and_write(
@@ -309,14 +406,14 @@ def run_and_write(
     question: str,
     columns: Sequence[Column],
     title: str,
-    plot: Callable[[list[dict], Path, str], None],
-    plot_title: str,
+    plot: Callable[[list[dict], Path, str], None] | None = None,
+    plot_title: str = "",
     summarize: Callable[[list[dict]], list[dict]] | None = None,
     summary_columns: Sequence[Column] = (),
 ) -> None:
     """Measures `rows`, rewriting <stem>.json and .md under run.out_dir after each one ("complete": false until the
-    end; an interrupt keeps the rows done), then the .png; `summarize` turns the rows into the report's "summary"
-    rows, shown first in the markdown by `summary_columns`."""
+    end; an interrupt keeps the rows done), then the .png (with `plot`); `summarize` turns the rows into the report's
+    "summary" rows, shown first in the markdown by `summary_columns`."""
     started = datetime.datetime.now(datetime.UTC)
     dtype_name = run.precision.name
     stem = result_stem(name, run.device, dtype_name, started)
@@ -332,6 +429,7 @@ def run_and_write(
             "input_size": run.input_size,
             "loadavg_after": os.getloadavg(),
             "complete": complete,
+            "timings": TIMINGS,
             "rows": measured,
         }
         if summarize is not None:
@@ -341,4 +439,5 @@ def run_and_write(
 
     measured = collect(rows, checkpoint=lambda so_far: write(so_far, complete=False))
     logger.info("wrote %s", " and ".join(str(path) for path in write(measured, complete=not interrupted(measured))))
-    plot(measured, run.out_dir / f"{stem}.png", f"{plot_title}, {run.device}, {dtype_name}")
+    if plot is not None:
+        plot(measured, run.out_dir / f"{stem}.png", f"{plot_title}, {run.device}, {dtype_name}")

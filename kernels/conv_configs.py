@@ -13,8 +13,14 @@ import torch
 import triton
 
 # Autotuning re-runs for every new value of these launcher arguments. M_LOG2 buckets N·P·Q by powers of two so
-# that every batch size does not trigger its own tuning run.
-AUTOTUNE_KEY = ["M_LOG2", "C", "K", "R", "S"]
+# that every batch size does not trigger its own tuning run. Stride and padding change the input's access pattern
+# (stride 2 spreads a tile's input pixels twice as far apart), the fusion flags the epilogue's and prologue's
+# traffic and registers: a layer must not reuse the tuning of one that differs in any of them.
+AUTOTUNE_KEY = [
+    *("M_LOG2", "C", "K", "R", "S"),
+    *("stride_h", "stride_w", "pad_h", "pad_w"),
+    *("HAS_RESIDUAL", "APPLY_RELU", "HAS_PROLOGUE"),
+]
 
 GROUP_SIZE_M = 8
 

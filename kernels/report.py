@@ -5,9 +5,11 @@
 The cases come from ``compile_cases()`` of every module in ``kernels/`` that defines a kernel (one without it is
 logged and listed in the JSON as uncovered). For each case: registers, spills (the byte counts ptxas reports and the
 LDL/STL instructions in the SASS), shared memory, tensor-core instructions (HGMMA is wgmma on sm_90, HMMA is
-mma.sync) and compile seconds. Pointer arguments are compiled as 16-byte aligned, as Triton's launch specializes
-every tensor torch allocates; integer arguments are left unspecialized, the worst case (a launch with, say, C a
-multiple of 16 gets vector loads and needs fewer registers). Exits with 1 when a case fails to compile.
+mma.sync), tensor-memory-accelerator copies (TMA: UTMALDG loads and UTMASTG stores, sm_90), register reallocation
+between warp groups (USETMAXREG, PTX setmaxnreg: the mark of Hopper warp specialization) and compile seconds.
+Pointer arguments are compiled as 16-byte aligned, as Triton's launch specializes every tensor torch allocates;
+integer arguments are left unspecialized, the worst case (a launch with, say, C a multiple of 16 gets vector loads
+and needs fewer registers). Exits with 1 when a case fails to compile.
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ class CaseReport:
     shared_bytes: int | None = None  # what Triton asks for at launch (dynamic shared memory)
     hgmma: int | None = None
     hmma: int | None = None
+    tma: int | None = None  # UTMALDG + UTMASTG
+    setmaxnreg: int | None = None  # USETMAXREG
     compile_seconds: float | None = None
     error: str | None = None
 
@@ -97,8 +101,13 @@ def _run_tool(tool: str, *args: str) -> str:
 
 
 def _measure(module_name: str, index: int, arch: int) -> CaseReport:
-    """Compile case ``index`` of ``module_name`` for ``sm_<arch>`` and read its resources; runs in a pool worker."""
-    case = importlib.import_module(module_name).compile_cases()[index]
+    """Case ``index`` of ``module_name``'s compile_cases() measured for ``sm_<arch>``; runs in a pool worker."""
+    return measure_case(importlib.import_module(module_name).compile_cases()[index], arch)
+
+
+def measure_case(case: CompileCase, arch: int) -> CaseReport:
+    """Compile ``case`` for ``sm_<arch>`` and read its resources. Needs TRITON_DUMP_PTXAS_LOG=1 for the spill byte
+    counts and TRITON_ALWAYS_COMPILE=1 (a cache hit skips ptxas), as `main` sets for its workers."""
     report = CaseReport(
         kernel=case.kernel,
         variant=case.variant,
@@ -137,6 +146,8 @@ def _measure(module_name: str, index: int, arch: int) -> CaseReport:
     report.shared_bytes = compiled.metadata.shared
     report.spill_instructions = opcodes["LDL"] + opcodes["STL"]
     report.hgmma, report.hmma = opcodes["HGMMA"], opcodes["HMMA"]
+    report.tma = opcodes["UTMALDG"] + opcodes["UTMASTG"]
+    report.setmaxnreg = opcodes["USETMAXREG"]
     return report
 
 
@@ -189,7 +200,7 @@ def covering_subset(cases: list[CompileCase]) -> list[int]:
 
 def format_table(reports: list[CaseReport]) -> str:
     header = ("kernel", "variant", "dtype", "tile", "warps", "stages", "regs", "spill B st/ld", "LDL+STL", "smem B")
-    header += ("HGMMA", "HMMA", "secs")
+    header += ("HGMMA", "HMMA", "TMA", "setmaxnreg", "secs")
     rows = [header]
     for r in reports:
         row = (r.kernel, r.variant, r.dtype, r.tile, r.warps, r.stages)
@@ -197,8 +208,8 @@ def format_table(reports: list[CaseReport]) -> str:
             rows.append((*row, f"FAILED: {r.error.splitlines()[0][:80]}"))
             continue
         spills = f"{r.spill_store_bytes}/{r.spill_load_bytes}"
-        resources = (r.registers, spills, r.spill_instructions, r.shared_bytes, r.hgmma, r.hmma, r.compile_seconds)
-        rows.append((*row, *resources))
+        resources = (r.registers, spills, r.spill_instructions, r.shared_bytes, r.hgmma, r.hmma, r.tma, r.setmaxnreg)
+        rows.append((*row, *resources, r.compile_seconds))
     widths = [max(len(str(row[i])) for row in rows if i < len(row)) for i in range(len(header))]
     return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=False)).rstrip() for row in rows)
 

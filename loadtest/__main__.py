@@ -80,7 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Locust processes sharing each step's users (its --processes): one may not saturate a "
                         "fast server")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("loadtest-report"), help="folder for CSVs, JSON and PNG")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the arguments and that the repository serves --model; start nothing")  # fmt: skip
     return parser
+
+
+def _dry_run(args: argparse.Namespace, backends: Sequence[str | None]) -> int:
+    """What --dry-run checks: the model is in its repository (unless loading --host) and --out can be written."""
+    if args.host is None:
+        server.write_single_model_repository(args.model_repository, args.model, args.out / "repository-dry-run.toml")
+    logger.info("dry run: %s, %s users x %d s on %s", args.model, args.users, args.duration, backends)
+    return 0
 
 
 def _sweep(target: server.Target, backend: str, args: argparse.Namespace) -> list[StepResult]:
@@ -149,6 +159,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     backends = [None] if args.host else (args.backends or default_backends())
+    if args.dry_run:
+        try:
+            return _dry_run(args, backends)
+        except (server.ServerError, OSError) as error:
+            logger.error("dry run: %s", error)
+            return 1
     run_info = _run_info(args, backends)
     if "ClassifyUser" in args.user_classes and not args.image_dir:
         # Written once here, read by every Locust process in milliseconds: making them from scikit-learn's digits

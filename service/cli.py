@@ -42,6 +42,10 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _optional_path(text: str) -> Path | None:
+    return Path(text) if text else None
+
+
 def _one_of(choices: Sequence[str]):
     """An argparse type that also checks defaults: argparse checks `choices` only on the command line, not in env."""
 
@@ -71,6 +75,13 @@ _FLAGS = (
     ("--queue-size", _positive_int, _DEFAULTS.queue_size, "requests a model's batch queue holds before refusing"),
     ("--decode-threads", _positive_int, _DEFAULTS.decode_threads, "threads decoding images and tensors"),
     ("--log-level", _one_of(_LOG_LEVELS), "INFO", ", ".join(_LOG_LEVELS)),
+    (
+        "--kernel-cache-dir",
+        _optional_path,
+        "",
+        "directory keeping compiled Triton kernels and autotune results across restarts, one subdirectory per card, "
+        "driver, torch and Triton version; empty: results are not kept and every start re-tunes",
+    ),
 )
 
 
@@ -107,6 +118,7 @@ def parse_settings(
         max_pixels=args.max_pixels,
         queue_size=args.queue_size,
         decode_threads=args.decode_threads,
+        kernel_cache_dir=args.kernel_cache_dir,
     )
     return settings, args.log_level
 

@@ -17,6 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+import models.kernel_cache
 from service._proto import classifier_pb2, classifier_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
 from service.backends.base import AUTO_BACKEND
 from service.metrics import ServiceMetrics
@@ -35,7 +36,7 @@ HEALTH_SERVICES = ("", CLASSIFIER_SERVICE, INFERENCE_SERVICE)
 
 
 class ServerStartError(RuntimeError):
-    """A port could not be bound."""
+    """A port could not be bound, or the kernel cache directory could not be made."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class ServerSettings:
     max_pixels: int = 40_000_000
     queue_size: int = 256
     decode_threads: int = 2
+    kernel_cache_dir: Path | None = None  # Triton's compiled kernels and autotune results; None: not kept
 
 
 class InferenceServer:
@@ -144,9 +146,19 @@ class InferenceServer:
             logger.info("all models settled; server %s", "ready" if ready else "NOT ready: no model could load")
 
 
+def use_kernel_cache(root: Path) -> None:
+    """Compiled kernels and autotune results under root/<card, driver, torch, Triton>, before any model loads."""
+    try:
+        models.kernel_cache.use_kernel_cache(root)
+    except OSError as error:
+        raise ServerStartError(f"--kernel-cache-dir {root}: {error}") from error
+
+
 async def serve(settings: ServerSettings) -> None:
     """Runs the server until SIGTERM or SIGINT, then shuts it down gracefully."""
     configs = load_repository(settings.model_repository)
+    if settings.kernel_cache_dir is not None:
+        use_kernel_cache(settings.kernel_cache_dir)
     server = InferenceServer(settings, configs)
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import models
+from models.kernel_cache import autotune_outcomes, describe_autotune
 from service.backends.base import BackendUnavailableError, warm_up_batch
 
 logger = logging.getLogger(__name__)
@@ -50,8 +51,10 @@ class FusedBackend:
         self._graphs = None
         self.preferred_batch_sizes: tuple[int, ...] = ()
         if device.type == "cuda":
+            settled = autotune_outcomes()
             self._graphs = _GraphedBuckets(self._module, input_size, max_batch_size, device)
             self.preferred_batch_sizes = tuple(self._graphs.buckets)
+            logger.info("%s", describe_autotune(autotune_outcomes() - settled))
         # Under the interpreter there is nothing to compile or autotune, so no warm-up: it would only cost minutes.
 
     def run(self, batch: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """The benchmarks compute what they claim: every variant of a block and every backend of a model gives the same
-outputs as unfused eager, the shapes come from the models, and the result writers write what they say.
+outputs as unfused eager from every starting point of its batch, the shapes come from the models, the per-layer
+breakdown names every convolution, and the result writers write what they say.
 
 Timing is replaced by one plain call (these are correctness tests, not benchmarks); the fused rows run under the
-Triton interpreter on a CPU, on small inputs.
+Triton interpreter on a CPU, on small inputs. The `gpu` tests at the end run the GPU-only paths for real (CUDA
+graph timing, pinned memory, the profiler's CUDA times), and check what the rows say, not how fast they are.
 """
 
 import json
@@ -15,20 +17,20 @@ import pytest
 import torch
 
 import models
-from bench import blocks, common
+from bench import blocks, common, layers, runners
 from bench import model as model_bench
 from service.repository import load_repository
 from tests.support.numerics import TOLERANCES, assert_relative_close
 from tests.support.server import REPO_ROOT
 
 
-def _call_once(fn, device, **_):
+def _call_once(fn, timing, **_):
     fn()
-    return {"median_ms": 1.0, "p20_ms": 0.9, "p80_ms": 1.1, "reps": 1}
+    return {"median_ms": 1.0, "p20_ms": 0.9, "p80_ms": 1.1, "reps": 1, "timing": timing}
 
 
-def _fixed_timing(fn, device, **_):
-    return {"median_ms": 1.0, "p20_ms": 0.9, "p80_ms": 1.1, "reps": 0}
+def _fixed_timing(fn, timing, **_):
+    return {"median_ms": 1.0, "p20_ms": 0.9, "p80_ms": 1.1, "reps": 0, "timing": timing}
 
 
 @pytest.fixture
@@ -69,6 +71,7 @@ def test_block_variants_agree_with_unfused(untimed, arch, names):
         assert row["status"] == "ok", row
         assert row["rel_err"] < 1e-5, row
         assert row["speedup"] == pytest.approx(1.0)
+        assert row["timing"] == "wall"  # on a GPU: cuda-graph (test_gpu_rows_say_what_they_time)
 
 
 def test_summary_gives_each_variants_geometric_mean_speedup_per_batch():
@@ -112,29 +115,82 @@ def test_fused_rows_need_a_gpu_without_the_interpreter(untimed, monkeypatch):
     ]
 
 
-def test_model_backends_agree_with_eager(untimed):
+# DESIGN.md contract 8: what outside checks read from every row of model_*.json.
+MODEL_ROW_KEYS = {"arch", "backend", "dtype", "batch", "input", "status", "images_per_s", "median_ms", "p20_ms",
+                  "p80_ms", "rel_err"}  # fmt: skip
+
+
+def test_model_backends_agree_with_eager_from_every_input(untimed):
     kinds = ["eager", "eager-channels-last", "onnxruntime", "compile-graphs", "fused", "fused-graphs"]
     cpu = torch.device("cpu")
-    rows = list(model_bench.benchmark_rows(["resnet18"], [3], kinds, torch.float32, cpu, input_size=32))
-    assert [r["backend"] for r in rows] == kinds
+    rows = list(model_bench.benchmark_rows(["digits_resnet"], [3], kinds, torch.float32, cpu, input_size=32))
+    assert [(r["backend"], r["input"]) for r in rows] == [
+        (k, i) for k in kinds for i in ("device", "pinned", "pageable")
+    ]
+    skipped = {(r["backend"], r["input"]): r["reason"] for r in rows if r["status"] == "skipped"}
+    assert skipped == {
+        **{
+            (kind, i): "CUDA graphs need a GPU"
+            for kind in ("compile-graphs", "fused-graphs")
+            for i in ("device", "pinned", "pageable")
+        },
+        **{(kind, "pinned"): "pinned host memory needs CUDA" for kind in ("eager", "eager-channels-last", "fused")},
+        ("onnxruntime", "device"): "takes and returns host arrays: pageable rows only",
+        ("onnxruntime", "pinned"): "takes and returns host arrays: pageable rows only",
+    }
     for row in rows:
-        if row["backend"].endswith("-graphs"):
-            assert row["status"] == "skipped" and "GPU" in row["reason"]
-            continue
-        assert row["status"] == "ok", row
-        assert row["rel_err"] < 1e-5, row
-        assert row["images_per_s"] == pytest.approx(row["batch"] / 1e-3)
+        assert set(row) >= MODEL_ROW_KEYS, row
+        if row["status"] == "ok":
+            assert row["rel_err"] < 1e-5, row
+            assert row["images_per_s"] == pytest.approx(row["batch"] / 1e-3)
+            assert row["timing"] == "wall"
 
 
-def test_bench_ms_on_cpu_reports_quantiles_in_order():
-    result = common.bench_ms(lambda: torch.randn(64, 64) @ torch.randn(64, 64), torch.device("cpu"), cpu_reps=7)
-    assert result["reps"] == 7
+class _CountingModel:
+    """A backend split as bench.runners does, counting how often each half runs."""
+
+    def __init__(self):
+        self.staged = self.forwarded = 0
+
+    def stage(self, batch):
+        self.staged += 1
+        return batch.to(torch.float64)
+
+    def forward(self, x):
+        self.forwarded += 1
+        return x.sum(dim=(1, 2, 3))
+
+
+def test_device_input_is_staged_once_and_pageable_input_every_call():
+    cpu = torch.device("cpu")
+    batch = torch.randn(2, 3, 4, 4)
+    for mode, staged in (("device", 1), ("pageable", 3)):
+        counting = _CountingModel()
+        call = runners.timed_call(runners.Runner(cpu, counting.stage, counting.forward), mode, batch)
+        outputs = [call() for _ in range(3)]
+        assert (counting.staged, counting.forwarded) == (staged, 3), mode
+        # "device" leaves the logits as the forward made them; "pageable" returns float32 on the host.
+        assert outputs[0].dtype == (torch.float64 if mode == "device" else torch.float32)
+        torch.testing.assert_close(outputs[-1].double(), batch.double().sum(dim=(1, 2, 3)))
+
+
+def test_bench_ms_wall_reports_quantiles_in_order():
+    result = common.bench_ms(lambda: torch.randn(64, 64) @ torch.randn(64, 64), common.WALL, reps=7)
+    assert (result["reps"], result["timing"]) == (7, "wall")
     assert 0 < result["p20_ms"] <= result["median_ms"] <= result["p80_ms"]
 
 
-def test_bench_ms_on_cpu_times_at_least_five_calls_past_its_budget():
-    result = common.bench_ms(lambda: torch.randn(64, 64) @ torch.randn(64, 64), torch.device("cpu"), cpu_budget_s=0)
+def test_bench_ms_wall_times_at_least_five_calls_past_its_budget():
+    result = common.bench_ms(lambda: torch.randn(64, 64) @ torch.randn(64, 64), common.WALL, budget_s=0)
     assert result["reps"] == 5
+
+
+def test_every_timing_has_its_explanation():
+    assert common.device_timing(torch.device("cpu"), graph=True) == common.WALL
+    assert common.device_timing(torch.device("cuda")) == common.CUDA_EVENTS
+    assert common.device_timing(torch.device("cuda"), graph=True) == common.CUDA_GRAPH
+    with pytest.raises(ValueError, match="timing must be one of"):
+        common.bench_ms(lambda: None, "guess")
 
 
 def test_compile_fresh_compiles_every_module_past_dynamos_recompile_limit():
@@ -155,8 +211,8 @@ def test_compile_fresh_compiles_every_module_past_dynamos_recompile_limit():
 
 def test_write_results_writes_json_and_a_markdown_row_per_row(tmp_path):
     rows = [
-        {"label": "a", "median_ms": 1.23456, "reason": None},
-        {"label": "b|c", "median_ms": None, "reason": "needs GPU"},
+        {"label": "a", "median_ms": 1.23456, "reason": None, "timing": "cuda-graph"},
+        {"label": "b|c", "median_ms": None, "reason": "needs GPU", "timing": None},
     ]
     report = {"date": "2026-11-26T00:00:00+00:00", "machine": {"gpu": None, "torch": "2.13"}, "rows": rows}
     columns = [common.Column("block", "label"), common.Column("median ms", "median_ms", "{:.2f}"),
@@ -166,6 +222,7 @@ def test_write_results_writes_json_and_a_markdown_row_per_row(tmp_path):
     lines = md_path.read_text().splitlines()
     assert lines[0] == "# Title"
     assert "torch 2.13" in lines[2] and "gpu" not in lines[2]
+    assert lines[4] == f"- timing `cuda-graph`: {common.TIMINGS['cuda-graph']}"  # each timing used, explained once
     table = lines[lines.index("| block | median ms | note |") :]
     assert table[1] == "|---|---|---|"
     assert table[2:] == ["| a | 1.23 | — |", "| b\\|c | — | needs GPU |"]
@@ -287,3 +344,92 @@ def test_progress_without_tqdm_logs_one_short_line_per_item(caplog):
     with caplog.at_level(logging.INFO, logger="bench.common"):
         assert list(common._logged(items, "blocks", label=lambda item: item[0])) == items
     assert [record.getMessage() for record in caplog.records] == ["blocks 1/2: shape-a", "blocks 2/2: shape-b"]
+
+
+def _eager_conv_output_shapes(arch: str, batch: int, input_size: int) -> dict[str, tuple[int, ...]]:
+    """NHWC output shape of every convolution of the eager model, by the name bench.layers gives it."""
+    model = models.build(arch, weights="random", seed=0)
+    shapes = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_hook(
+                lambda _m, _a, out, name=name: shapes.__setitem__(
+                    name.removesuffix(".0"), (*out.shape[:1], *out.shape[2:], out.shape[1])
+                )
+            )
+    with torch.inference_mode():
+        model(torch.randn(batch, 3, input_size, input_size))
+    return shapes
+
+
+def test_layer_breakdown_has_every_convolution_with_its_shape_and_kind():
+    rows = layers.layer_rows("digits_resnet", 3, torch.float32, torch.device("cpu"), 32, reps=1)
+    convs, totals = rows[:-3], rows[-3:]
+    assert {row["layer"]: row["out_shape"] for row in convs} == _eager_conv_output_shapes("digits_resnet", 3, 32)
+    assert [row["layer"] for row in totals] == ["all convolutions", "other kernels", "forward"]
+    kinds = {row["layer"]: row["kind"] for row in convs}
+    assert kinds["layer2.0.conv1"] == "3x3/2 +relu"
+    assert kinds["layer2.0.conv2"] == "3x3/1 +residual +relu"
+    assert kinds["layer2.0.downsample"] == "1x1/2"
+    for row in convs:
+        assert row["status"] == "ok" and row["timing"] == "profiler-cpu", row
+        assert row["median_ms"] > 0 and row["tflops"] > 0, row
+        assert row["config"] is None and row["chosen"].startswith("interpreter"), row  # no autotuning on a CPU
+    # One pass: the convolutions' row is their sum, and with the rest it makes the forward.
+    all_convs, others, forward = (row["median_ms"] for row in totals)
+    assert all_convs == pytest.approx(sum(row["median_ms"] for row in convs))
+    assert all_convs + others == pytest.approx(forward) and 0 < all_convs < forward
+
+
+GPU_DTYPE, GPU_TOLERANCE = torch.bfloat16, 2e-2
+
+
+@pytest.mark.gpu
+def test_gpu_block_rows_are_timed_inside_a_cuda_graph():
+    rows = list(blocks.benchmark_rows(
+        ["digits_resnet"], [2], ["unfused", "folded", "fused"], GPU_DTYPE, torch.device("cuda"),
+        input_size=32, select=lambda shape: shape.name in ("stem", "layer2.0"),
+    ))  # fmt: skip
+    assert len(rows) == 2 * 3
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert row["timing"] == "cuda-graph" and 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"], row
+        assert row["rel_err"] < GPU_TOLERANCE, row
+
+
+@pytest.mark.gpu
+def test_gpu_model_rows_run_from_device_pinned_and_pageable_memory():
+    kinds = ["eager-channels-last", "fused", "fused-graphs"]
+    cuda = torch.device("cuda")
+    rows = list(model_bench.benchmark_rows(["digits_resnet"], [1, 5], kinds, GPU_DTYPE, cuda, input_size=32))
+    assert len(rows) == 3 * 2 * 3
+    for row in rows:
+        assert set(row) >= MODEL_ROW_KEYS, row
+        assert row["status"] == "ok", row
+        assert row["timing"] == ("cuda-events" if row["input"] == "device" else "wall"), row
+        assert row["rel_err"] < GPU_TOLERANCE, row
+
+
+@pytest.mark.gpu
+def test_gpu_graphed_runner_gives_the_modules_logits_from_every_input():
+    module = models.build("digits_resnet", weights="random", seed=0).cuda().eval()
+    runner = runners.graphed_runner(module, torch.device("cuda"))
+    with torch.inference_mode():
+        for batch in (3, 1, 3):  # a second graph, then the first one again
+            x = torch.randn(batch, 3, 32, 32)
+            expected = module(x.cuda()).cpu()
+            for mode in runners.INPUTS:
+                logits = runners.timed_call(runner, mode, x)().float().cpu()
+                torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4, msg=mode)
+
+
+@pytest.mark.gpu
+def test_gpu_layer_breakdown_attributes_cuda_kernels_and_configs_to_every_convolution():
+    rows = layers.layer_rows("digits_resnet", 2, GPU_DTYPE, torch.device("cuda"), 32, reps=3)
+    convs, (all_convs, _, forward) = rows[:-3], rows[-3:]
+    assert {row["layer"] for row in convs} == set(_eager_conv_output_shapes("digits_resnet", 2, 32))
+    for row in convs:
+        assert row["timing"] == "profiler-cuda" and row["median_ms"] > 0, row
+        assert row["autotuner"].startswith("conv_bn_act") and row["config"], row
+        assert row["chosen"] in ("tuned", "cached"), row
+    assert 0 < all_convs["median_ms"] <= forward["median_ms"]

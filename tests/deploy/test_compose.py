@@ -35,6 +35,7 @@ PROMETHEUS_CONFIG = REPO_ROOT / "docker" / "prometheus.yml"
 _COMPOSE_VARIABLES = ("LOCUST_TARGET", "COMPOSE_PROFILES", "COMPOSE_FILE", "COMPOSE_PROJECT_NAME")
 # resnet50's checkpoint can be neither found nor downloaded: the server must serve digits_resnet without a network.
 OFFLINE = {"https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
+KERNEL_CACHE = "/home/serve/.cache/kernels"
 
 
 def compose(*args: str) -> str:
@@ -150,7 +151,10 @@ def test_services_ports_profiles_and_gpu_reservation(services: dict[str, dict]):
     devices = services["server"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     assert "deploy" not in services["server-cpu"]
-    assert services["server"]["environment"] == {"RESNET_SERVE_BACKEND": "fused"}
+    assert services["server"]["environment"] == {
+        "RESNET_SERVE_BACKEND": "fused",
+        "RESNET_SERVE_KERNEL_CACHE_DIR": KERNEL_CACHE,
+    }
     assert services["server-cpu"]["environment"] == {"RESNET_SERVE_BACKEND": "onnxruntime"}
     assert "args" not in services["server"]["build"]  # the Dockerfile's pinned CUDA PyTorch base
 
@@ -165,6 +169,15 @@ def test_services_ports_profiles_and_gpu_reservation(services: dict[str, dict]):
     assert published_ports(services["locust-master"]) == {8089: 8089}
     assert "ports" not in services["locust-worker"]  # workers scale; a published port would collide
     assert published_ports(services["prometheus"]) == {9090: 9090}
+
+
+def test_the_kernel_cache_is_a_volume_the_server_user_owns(services: dict[str, dict]):
+    # A restart of the GPU server finds the autotune results of the last one (README, "Kernels").
+    mounts = dict(reversed(volume.split(":")[:2]) for volume in services["server"]["volumes"])  # target: source
+    assert mounts[KERNEL_CACHE] in yaml.safe_load(COMPOSE_FILE.read_text())["volumes"]  # a named volume
+    assert "/home/serve/.cache/torch" in mounts  # the server's own list keeps the hub cache of x-server
+    # An empty named volume takes the ownership of the image's directory: it must exist there, the user's.
+    assert f'install -d -o serve -g serve "${{TORCH_HOME}}" {KERNEL_CACHE} ' in DOCKERFILE.read_text()
 
 
 def test_depends_on_waits_for_healthchecks_that_exist(services: dict[str, dict]):

@@ -2,6 +2,8 @@
 
 The report runs as a subprocess without TRITON_INTERPRET, so it compiles real GPU code on this CPU-only machine.
 Every case, the full product of configs, dtypes and fused variants: about 170 s of compile time per arch here.
+The TMA and warp-specialization counts are checked on probe kernels (tests/kernels/report_probes.py) whose SASS
+must have them or must not.
 """
 
 from __future__ import annotations
@@ -28,6 +30,15 @@ def report(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     if not path.exists():
         pytest.fail(f"the report wrote no JSON (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return {**json.loads(path.read_text()), "returncode": proc.returncode, "stderr": proc.stderr}
+
+
+_MEASURE_PROBES = """
+import dataclasses, json, os, sys, tempfile
+os.environ.update(TRITON_DUMP_PTXAS_LOG="1", TRITON_ALWAYS_COMPILE="1", TRITON_CACHE_DIR=tempfile.mkdtemp())
+from kernels.report import measure_case
+from tests.kernels.report_probes import compile_cases
+print(json.dumps({case.variant: dataclasses.asdict(measure_case(case, 90)) for case in compile_cases()}))
+"""
 
 
 def _name(case: dict) -> str:
@@ -66,3 +77,23 @@ def test_half_precision_tensor_core_tiles_use_tensor_cores(report):
     ]
     without = [_name(case) for case in tiles if case[instruction] == 0]
     assert not without, f"no {instruction.upper()} in:\n" + "\n".join(without)
+
+
+def test_report_counts_tma_copies_and_warp_specialization_in_the_sass():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-c", _MEASURE_PROBES]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    probes = json.loads(proc.stdout.splitlines()[-1])
+    assert all(probe["error"] is None for probe in probes.values()), probes
+    pointer, tma, specialized = probes["pointer"], probes["tma"], probes["tma warp-specialized"]
+    assert (pointer["tma"], pointer["setmaxnreg"]) == (0, 0)
+    assert tma["tma"] > 0 and tma["setmaxnreg"] == 0
+    assert specialized["tma"] > 0 and specialized["setmaxnreg"] > 0
+    assert tma["hgmma"] > 0 and specialized["hgmma"] > 0
+
+
+def test_every_case_reports_tma_and_setmaxnreg(report):
+    # DESIGN.md contract 9: the JSON carries "tma" per case (and "setmaxnreg" beside it).
+    measured = [case for case in report["cases"] if case["error"] is None]
+    assert measured and all(isinstance(case["tma"], int) and isinstance(case["setmaxnreg"], int) for case in measured)

@@ -1,12 +1,19 @@
-"""The server's command line (contract 4): defaults, every flag from the environment, flags winning over it."""
+"""The server's command line (contract 4): defaults, every flag from the environment, flags winning over it; the
+kernel cache directory reaching a started server."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
+import triton
 
+from kernels.autotune import Platform, driver_version
 from service.cli import build_parser, env_name, parse_settings
 from service.repository import DEFAULT_REPOSITORY
 from service.server import ServerSettings
+from tests.support.server import CPU_ONLY, REPO_ROOT, serving, write_repository
 
 
 def test_contract_defaults():
@@ -15,6 +22,7 @@ def test_contract_defaults():
     assert (settings.port, settings.metrics_port, settings.backend) == (50051, 9100, "auto")
     assert settings.model_repository == DEFAULT_REPOSITORY
     assert settings.max_message_bytes == 16 * 1024 * 1024
+    assert settings.kernel_cache_dir is None  # nothing kept unless asked
     assert log_level == "INFO"
 
 
@@ -31,6 +39,7 @@ def test_every_flag_comes_from_the_environment_and_a_flag_wins(tmp_path: Path):
         "RESNET_SERVE_QUEUE_SIZE": "9",
         "RESNET_SERVE_DECODE_THREADS": "3",
         "RESNET_SERVE_LOG_LEVEL": "DEBUG",
+        "RESNET_SERVE_KERNEL_CACHE_DIR": str(tmp_path / "kernels"),
     }
     flags = [action.option_strings[0] for action in build_parser({})._actions if action.dest != "help"]
     assert sorted(env_name(flag) for flag in flags) == sorted(environ)
@@ -39,6 +48,7 @@ def test_every_flag_comes_from_the_environment_and_a_flag_wins(tmp_path: Path):
     assert settings == ServerSettings(
         host="127.0.0.1", port=6000, metrics_port=0, backend="eager", model_repository=tmp_path / "r.toml",
         grace_period_s=2.5, max_message_bytes=1000, max_pixels=77, queue_size=9, decode_threads=3,
+        kernel_cache_dir=tmp_path / "kernels",
     )  # fmt: skip
     assert log_level == "DEBUG"
 
@@ -62,3 +72,30 @@ def test_bad_values_are_refused(argv: list[str], environ: dict[str, str], flag: 
         parse_settings(argv, environ=environ)
     assert raised.value.code == 2
     assert f"argument {flag}:" in capsys.readouterr().err
+
+
+def test_an_empty_kernel_cache_dir_keeps_nothing():
+    settings, _ = parse_settings(["--kernel-cache-dir", ""], environ={"RESNET_SERVE_KERNEL_CACHE_DIR": "/x"})
+    assert settings.kernel_cache_dir is None
+
+
+def test_server_keeps_kernels_in_the_platform_directory_under_its_kernel_cache_dir(tmp_path: Path):
+    repository = write_repository(
+        tmp_path / "models.toml", {"digits": {"arch": "digits_resnet", "input_size": 32, "backend": "eager"}}
+    )
+    env = {**CPU_ONLY, "RESNET_SERVE_KERNEL_CACHE_DIR": str(tmp_path / "kernels")}
+    with serving(tmp_path, repository=repository, env=env) as server:
+        pass
+    platform = Platform("cpu", driver_version(), torch.__version__, triton.__version__)
+    directory = tmp_path / "kernels" / platform.tag
+    assert directory.is_dir()
+    assert f"kernel cache (compiled kernels and autotune results): {directory}" in server.log()
+
+
+def test_a_kernel_cache_dir_that_cannot_be_made_stops_the_server_with_the_reason(tmp_path: Path):
+    (tmp_path / "file").write_text("")
+    command = [sys.executable, "-m", "service", "--port", "0", "--metrics-port", "0"]
+    command += ["--kernel-cache-dir", str(tmp_path / "file" / "kernels")]
+    completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 1
+    assert f"cannot serve: --kernel-cache-dir {tmp_path / 'file' / 'kernels'}" in completed.stderr
