@@ -47,6 +47,26 @@ def check_tensor(
     return t
 
 
+def int_pair(name: str, value: int | tuple[int, int], minimum: int) -> tuple[int, int]:
+    """A kernel size, stride or padding as (height, width); ValueError naming it unless both are ints >= minimum."""
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and v >= minimum for v in pair):
+        raise ValueError(f"{name} must be an int or a pair of ints >= {minimum}, got {value!r}")
+    return pair
+
+
+def check_prologue(scale: torch.Tensor | None, shift: torch.Tensor | None, channels: int, device: torch.device) -> bool:
+    """Validate a convolution's input prologue (per-channel float32 scale and shift, both or neither); True if given."""
+    if (scale is None) != (shift is None):
+        missing = "prologue_scale" if scale is None else "prologue_shift"
+        raise ValueError(f"{missing} is missing: the prologue needs both prologue_scale and prologue_shift")
+    if scale is None:
+        return False
+    check_tensor("prologue_scale", scale, dtypes=(torch.float32,), device=device, shape=(channels,))
+    check_tensor("prologue_shift", shift, dtypes=(torch.float32,), device=device, shape=(channels,))
+    return True
+
+
 @dataclass(frozen=True)
 class CompileCase:
     """One kernel specialization exactly as a launcher can launch it, for the sm_90/sm_80 compile report.
@@ -64,3 +84,6 @@ class CompileCase:
     num_stages: int
     dtype: torch.dtype
     block_m: int | None = None  # rows of the tensor-core tile, where the kernel has one (HGMMA needs >= 64)
+    # The oldest compute capability the launcher runs it on: the TMA kernels are sm_90 only (on sm_80 Triton lowers
+    # their descriptors to plain loads, which spill, and their launchers fall back to the pointer kernel there).
+    min_arch: int = 80

@@ -237,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # a cache hit would skip ptxas: no log, no compile time
     cases, uncovered = collect_cases()
+    cases = [entry for entry in cases if entry[2].min_arch <= args.arch]
     total = len(cases)
     if args.kernel:
         cases = [entry for entry in cases if entry[2].kernel in args.kernel]

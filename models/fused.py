@@ -2,10 +2,13 @@
 
 Built once from an eager model by `fuse`: BatchNorm is folded into the convolutions (or into the next conv's input
 prologue for pre-activation blocks), weights are packed into the kernels' layout and dtype, and activations stay NHWC
-from the stem to the head. No eager conv, BN, ReLU, add, pool or linear runs in `forward`.
+from the stem to the head. No eager conv, BN, ReLU, add, pool or linear runs in `forward`. Each convolution runs the
+kernel form that `models.conv_forms.FORM_TABLE` picks for its layer; the stem is `models.fused_stem.FusedStem`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -13,14 +16,16 @@ from torch import nn
 from kernels import (
     SUPPORTED_DTYPES,
     avgpool_linear,
-    conv_bn_act,
     interpreting,
     max_pool2d_nhwc,
     pack_conv_weight,
     pack_linear_weight,
+    tma_device,
 )
+from models import conv_forms
 from models.errors import FusedUnavailableError
 from models.folding import bn_scale_shift, fold_conv_bn
+from models.fused_stem import FusedStem
 from models.preact_resnet import PreActBasicBlock, PreActBottleneck, PreActResNet
 from models.resnet import BasicBlock, Bottleneck, ResNet
 
@@ -28,7 +33,8 @@ from models.resnet import BasicBlock, Bottleneck, ResNet
 class FusedConv(nn.Module):
     """One convolution with its folded BatchNorm, optional input prologue, and a fixed activation.
 
-    Holds the packed weight [R*S*C, K] in the compute dtype and the float32 bias [K]; `forward` is one kernel launch.
+    Holds the packed weight [R*S*C, K] in the compute dtype and the float32 bias [K]; `forward` is one kernel launch
+    (two where a sub-wave grid splits K), in the form `models.conv_forms` picks for the input's map size.
     allow_tf32 (float32 only): the kernel may multiply on TF32 tensor cores instead of the IEEE float32 dot.
     """
 
@@ -44,6 +50,7 @@ class FusedConv(nn.Module):
     ) -> None:
         super().__init__()
         weight, bias = fold_conv_bn(conv, bn)
+        self.tma_device = tma_device(weight.device)
         self.register_buffer("weight", pack_conv_weight(weight, dtype))
         self.register_buffer("bias", bias.float().contiguous())
         if prologue_bn is not None:
@@ -61,19 +68,7 @@ class FusedConv(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         # x: [N, H, W, C] -> [N, P, Q, K]
-        return conv_bn_act(
-            x,
-            self.weight,
-            self.bias,
-            kernel_size=self.kernel_size,
-            stride=self.stride,
-            padding=self.padding,
-            residual=residual,
-            relu=self.relu,
-            prologue_scale=self.prologue_scale,
-            prologue_shift=self.prologue_shift,
-            allow_tf32=self.allow_tf32,
-        )
+        return conv_forms.launch(self, x, residual)
 
 
 class FusedBlock(nn.Module):
@@ -92,11 +87,14 @@ class FusedBlock(nn.Module):
 
 
 class FusedResNet(nn.Module):
-    """Forward: NCHW float32 [N, 3, H, W] -> float32 logits [N, classes]; NHWC in `dtype` inside."""
+    """Forward: NCHW float32 [N, 3, H, W] -> float32 logits [N, classes]; NHWC in `dtype` inside.
+
+    With normalization (fuse's input_mean/input_std) forward also takes raw uint8 NHWC images [N, H, W, 3].
+    """
 
     def __init__(
         self,
-        stem: FusedConv,
+        stem: FusedStem,
         maxpool: nn.MaxPool2d | None,
         blocks: list[FusedBlock],
         fc: nn.Linear,
@@ -120,15 +118,21 @@ class FusedResNet(nn.Module):
             self.head_scale = self.head_shift = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != self.in_channels:
+        c = self.in_channels
+        if isinstance(x, torch.Tensor) and x.dtype == torch.uint8:
+            if not self.stem.normalizes:
+                raise ValueError("x: uint8 images need models.fuse(..., input_mean=..., input_std=...) to normalize")
+            if x.ndim != 4 or x.shape[3] != c:
+                raise ValueError(f"x: uint8 images must be NHWC [N, H, W, {c}], got {tuple(x.shape)}")
+        elif not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != c:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x must be NCHW [N, {self.in_channels}, H, W], got {shape}")
-        if x.dtype != torch.float32:
-            raise ValueError(f"x must be float32, got {x.dtype}")
+            raise ValueError(f"x must be NCHW [N, {c}, H, W], got {shape}")
+        elif x.dtype != torch.float32:
+            raw = " (or uint8 NHWC images)" if self.stem.normalizes else ""
+            raise ValueError(f"x must be float32{raw}, got {x.dtype}")
         if x.device != self.fc_bias.device:
             raise ValueError(f"x is on {x.device}, the model on {self.fc_bias.device}")
-        x = x.permute(0, 2, 3, 1).to(self.dtype).contiguous()  # [N, H, W, 3]
-        x = self.stem(x)
+        x = self.stem(x) if x.dtype == torch.uint8 else self.stem.forward_nchw(x.contiguous())
         if self.maxpool is not None:
             kernel_size, stride, padding = self.maxpool
             x = max_pool2d_nhwc(x, kernel_size=kernel_size, stride=stride, padding=padding)
@@ -178,13 +182,23 @@ def _fuse_v2_block(block: PreActBasicBlock | PreActBottleneck, dtype: torch.dtyp
     return FusedBlock(convs, shortcut)
 
 
-def fuse(model: nn.Module, dtype: torch.dtype = torch.float32, *, allow_tf32: bool = False) -> FusedResNet:
+def fuse(
+    model: nn.Module,
+    dtype: torch.dtype = torch.float32,
+    *,
+    allow_tf32: bool = False,
+    input_mean: Sequence[float] | None = None,
+    input_std: Sequence[float] | None = None,
+) -> FusedResNet:
     """The same function as `model` (a ResNet or PreActResNet from models.build), built on the Triton kernels.
 
     BN is folded and weights are packed here, once. The result lives on the model's device; on a CPU it runs only
     under TRITON_INTERPRET=1 (set before the kernels are first imported), and FusedUnavailableError says so.
     allow_tf32 (float32 only): every convolution may multiply on TF32 tensor cores (a GPU's; the interpreter computes
     IEEE float32 whatever it is told).
+    input_mean, input_std: per channel, in 0..1 units as torchvision writes them (ImageNet: (0.485, 0.456, 0.406),
+    (0.229, 0.224, 0.225)). Given, forward also takes uint8 NHWC images [N, H, W, 3] and normalizes them in the stem's
+    prologue, exactly as conv2d over the normalized float image; float32 NCHW input is taken as normalized already.
     """
     if not isinstance(model, ResNet | PreActResNet):
         raise ValueError(f"fuse expects a ResNet or PreActResNet from models.build, got {type(model).__name__}")
@@ -207,7 +221,7 @@ def fuse(model: nn.Module, dtype: torch.dtype = torch.float32, *, allow_tf32: bo
     else:
         blocks = [_fuse_v1_block(block, dtype, allow_tf32) for layer in layers for block in layer]
         head_bn = None
-    stem = FusedConv(model.conv1, model.bn1, dtype, relu=True, allow_tf32=allow_tf32)
+    stem = FusedStem(model.conv1, model.bn1, dtype, allow_tf32=allow_tf32, input_mean=input_mean, input_std=input_std)
     maxpool = model.maxpool if isinstance(model.maxpool, nn.MaxPool2d) else None
     if maxpool is not None and (maxpool.ceil_mode or maxpool.dilation not in (1, (1, 1))):
         raise ValueError("the fused max pool implements floor mode without dilation only")

@@ -105,9 +105,11 @@ def test_autotune_refuses_a_key_that_names_no_argument():
 def test_conv_key_holds_stride_padding_and_every_fusion_flag():
     key = set(conv_configs.AUTOTUNE_KEY)
     assert {"stride_h", "stride_w", "pad_h", "pad_w", "HAS_RESIDUAL", "APPLY_RELU", "HAS_PROLOGUE"} <= key
-    tuner = _autotuned_kernel(torch.float16, False)  # builds it: every key name is a kernel argument
-    assert set(tuner.keys) == key
-    assert autotune_module.autotuners()["conv_bn_act fp16"] is tuner
+    assert {"PROLOGUE_RELU", "SPLIT_K"} <= key  # the prologue's kind and the split change the best tile too
+    for form in ("pointwise", "taps", "flat"):
+        tuner = _autotuned_kernel(torch.float16, False, form)  # builds it: every key name is a kernel argument
+        assert set(tuner.keys) == key
+        assert autotune_module.autotuners()[f"conv_bn_act fp16 {form}"] is tuner
 
 
 def test_each_new_key_is_tuned_once_and_every_launch_is_recorded():

@@ -6,8 +6,6 @@ folds the BatchNorm into the packed weight and bias itself, so the whole contrac
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +14,7 @@ from hypothesis import strategies as st
 
 from kernels import conv_bn_act, conv_configs, pack_conv_weight
 from kernels.conv_bn_act import _conv_bn_act_kernel, compile_cases
+from tests.kernels.conv_reference import Conv, assert_parity, random_case
 from tests.support.numerics import TOLERANCES, assert_relative_close, tolerance_for
 
 # (dtype, largest allowed ‖out − ref‖ / ‖ref‖), kept together.
@@ -23,30 +22,6 @@ DTYPE_TOLERANCES = [
     pytest.param(dtype, TOLERANCES[dtype], id=name)
     for dtype, name in ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16"))
 ]
-BN_EPS = 1e-5
-
-
-@dataclasses.dataclass(frozen=True)
-class Conv:
-    """One convolution layer and the fusions around it; NHWC input [n, h, w, c], output channels k."""
-
-    n: int
-    h: int
-    w: int
-    c: int
-    k: int
-    kernel: tuple[int, int]
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (0, 0)
-    residual: bool = False
-    relu: bool = False
-    prologue: bool = False
-
-    def __str__(self) -> str:
-        fused = "".join(f"+{f}" for f in ("residual", "relu", "prologue") if getattr(self, f))
-        r, s = self.kernel
-        return f"{self.n}x{self.h}x{self.w}x{self.c}->{self.k} {r}x{s}/s{self.stride}/p{self.padding}{fused}"
-
 
 # ResNet-18/50 layer shapes with the channel counts and maps scaled down for the interpreter, then odd ones.
 LAYERS = [
@@ -81,51 +56,11 @@ FUSIONS = [
 ]
 
 
-def _random_case(conv: Conv, dtype: torch.dtype) -> tuple[dict, torch.Tensor, float]:
-    """Kernel arguments (folded, packed, NHWC, in `dtype`), the float64 NCHW reference output, a floor for its norm."""
-    r, s = conv.kernel
-    x = torch.randn(conv.n, conv.c, conv.h, conv.w).to(dtype).double()  # the values the kernel sees
-    weight = torch.randn(conv.k, conv.c, r, s, dtype=torch.float64) / (conv.c * r * s) ** 0.5
-    mean, var = torch.randn(conv.k, dtype=torch.float64), torch.rand(conv.k, dtype=torch.float64) + 0.5
-    gamma, beta = torch.rand(conv.k, dtype=torch.float64) + 0.5, torch.randn(conv.k, dtype=torch.float64)
-    # Positive shift: relu(0 * scale + shift) > 0, so a padding tap that skipped the mask would show.
-    pro_scale, pro_shift = torch.randn(conv.c), torch.rand(conv.c) + 0.1
-
-    reference_in = x
-    if conv.prologue:
-        reference_in = torch.relu(x * pro_scale.double()[:, None, None] + pro_shift.double()[:, None, None])
-    ref = F.conv2d(reference_in, weight, stride=conv.stride, padding=conv.padding)
-    ref = F.batch_norm(ref, mean, var, gamma, beta, training=False, eps=BN_EPS)
-    residual = torch.randn(ref.shape).to(dtype)
-    if conv.residual:
-        ref = ref + residual.double()
-    # ReLU can zero a tiny output entirely: the error is then taken relative to the pre-activation's scale.
-    norm_floor = 1e-3 * ref.norm().item()
-    if conv.relu:
-        ref = torch.relu(ref)
-
-    bn_scale = gamma / torch.sqrt(var + BN_EPS)
-    kwargs = {
-        "x": x.to(dtype).permute(0, 2, 3, 1).contiguous(),
-        "weight": pack_conv_weight(weight * bn_scale[:, None, None, None], dtype),
-        "bias": (beta - mean * bn_scale).float(),
-        "kernel_size": conv.kernel,
-        "stride": conv.stride,
-        "padding": conv.padding,
-        "residual": residual.permute(0, 2, 3, 1).contiguous() if conv.residual else None,
-        "relu": conv.relu,
-        "prologue_scale": pro_scale if conv.prologue else None,
-        "prologue_shift": pro_shift if conv.prologue else None,
-    }
-    return kwargs, ref, norm_floor
-
-
-def _check_parity(conv: Conv, dtype: torch.dtype, bound: float) -> None:
-    kwargs, ref, norm_floor = _random_case(conv, dtype)
+def _check_parity(conv: Conv, dtype: torch.dtype, tolerance: float) -> None:
+    kwargs, ref, norm_floor = random_case(conv, dtype)
     out = conv_bn_act(**kwargs)
-    assert out.dtype == dtype and out.shape == (ref.shape[0], ref.shape[2], ref.shape[3], ref.shape[1])
-    # NCHW like the reference: the worst element is reported as (n, k, p, q).
-    assert_relative_close(out.permute(0, 3, 1, 2), ref, bound, what=f"{conv} {dtype}", floor=norm_floor)
+    assert out.dtype == dtype
+    assert_parity(out, ref, norm_floor, tolerance, f"{conv} {dtype}")
 
 
 @pytest.mark.parametrize(("dtype", "tolerance"), DTYPE_TOLERANCES)
@@ -147,6 +82,70 @@ def test_matches_reference_across_tile_boundaries(
 @pytest.mark.parametrize("conv", FUSIONS, ids=str)
 def test_every_fusion_combination(conv: Conv, dtype: torch.dtype, tolerance: float) -> None:
     _check_parity(conv, dtype, tolerance)
+
+
+# Every GPU autotune config of every form of the pointer kernel (the interpreter otherwise runs one tile sized to the
+# launch), on layers whose tiles all hang over M, K or the reduction: (form, layer).
+FORM_LAYERS = {
+    "pointwise": Conv(3, 5, 7, 40, 24, (1, 1), residual=True, relu=True, prologue=True),
+    "taps": Conv(1, 6, 5, 24, 40, (3, 3), (2, 2), (1, 1), relu=True, prologue=True),
+    "flat": Conv(3, 9, 7, 3, 16, (7, 7), (2, 2), (3, 3), relu=True),  # the stem
+}
+# (dtype, allow_tf32, tolerance): float32 has two candidate lists, FMA (IEEE) and TF32.
+DOT_KINDS = [
+    (dtype, allow_tf32, tolerance_for(dtype, allow_tf32))
+    for dtype, allow_tf32 in (
+        (torch.float32, False),
+        (torch.float32, True),
+        (torch.float16, False),
+        (torch.bfloat16, False),
+    )
+]
+
+
+def _every_config() -> list:
+    return [
+        pytest.param(
+            form,
+            dtype,
+            tf32,
+            tolerance,
+            config,
+            id=f"{form}-{str(dtype).removeprefix('torch.')}{'-tf32' if tf32 else ''}-{conv_configs.describe(config)}",
+        )
+        for form in FORM_LAYERS
+        for dtype, tf32, tolerance in DOT_KINDS
+        for config in conv_configs.autotune_configs(dtype, tf32, form)
+    ]
+
+
+@pytest.mark.parametrize(("form", "dtype", "allow_tf32", "tolerance", "config"), _every_config())
+def test_every_config_of_every_form_matches_reference(form, dtype, allow_tf32, tolerance, config) -> None:
+    conv = FORM_LAYERS[form]
+    kwargs, ref, norm_floor = random_case(conv, dtype)
+    out = conv_bn_act(**kwargs, allow_tf32=allow_tf32, config=config)
+    assert_parity(out, ref, norm_floor, tolerance, f"{conv} {dtype} tf32={allow_tf32} {conv_configs.describe(config)}")
+
+
+def test_non_pointwise_configs_stay_at_four_warps() -> None:
+    # Inductor's conv template miscompiled non-1x1 convolutions at >= 8 warps (pytorch#173068).
+    for dtype, tf32, _ in DOT_KINDS:
+        for form in ("taps", "flat"):
+            assert all(config.num_warps <= 4 for config in conv_configs.autotune_configs(dtype, tf32, form))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_affine_prologue_without_relu_keeps_padding_zero(dtype) -> None:
+    # x*scale + shift with a large shift: a padding tap that skipped the mask would add shift*weight.
+    x = torch.randn(2, 5, 6, 8).to(dtype)
+    weight = torch.randn(9 * 8, 16)
+    bias, scale, shift = torch.randn(16), torch.randn(8), torch.rand(8) + 3.0
+    normalized = x.double().permute(0, 3, 1, 2) * scale.double()[:, None, None] + shift.double()[:, None, None]
+    ref = F.conv2d(normalized, weight.to(dtype).double().reshape(3, 3, 8, 16).permute(3, 2, 0, 1), padding=1)
+    ref = ref + bias.double()[:, None, None]
+    prologue = {"prologue_scale": scale, "prologue_shift": shift, "prologue_relu": False}
+    out = conv_bn_act(x, weight.to(dtype), bias, kernel_size=(3, 3), padding=1, **prologue)  # packed: [R*S*C, K]
+    assert_parity(out, ref, 1e-3 * ref.norm().item(), TOLERANCES[dtype], f"affine {dtype}")
 
 
 @settings(max_examples=12, deadline=None)
@@ -246,6 +245,13 @@ BAD_ARGUMENTS = [
     ("stride", {"stride": 0}),
     ("padding", {"padding": -1}),
     ("output size", {"kernel_size": (9, 9), "weight": torch.randn(9 * 9 * 4, 8)}),
+    # uint8 images only with a prologue to normalize them
+    (
+        "x",
+        {"x": torch.randint(0, 255, (2, 6, 6, 4), dtype=torch.uint8), "prologue_scale": None, "prologue_shift": None},
+    ),
+    ("weight", {"x": torch.randint(0, 255, (2, 6, 6, 4), dtype=torch.uint8), "weight": torch.randn(36, 8).double()}),
+    ("split_k", {"split_k": 0}),
 ]
 
 
@@ -286,7 +292,7 @@ def test_resnet50_layers_on_gpu(dtype: torch.dtype, allow_tf32: bool) -> None:
         Conv(1, 7, 7, 512, 512, (3, 3), (1, 1), (1, 1), prologue=True, relu=True),
     ]
     for conv in layers:
-        kwargs, ref, norm_floor = _random_case(conv, dtype)
+        kwargs, ref, norm_floor = random_case(conv, dtype)
         kwargs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         out = conv_bn_act(**kwargs, allow_tf32=allow_tf32).permute(0, 3, 1, 2).cpu()
         bound = tolerance_for(dtype, allow_tf32)

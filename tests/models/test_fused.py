@@ -109,6 +109,91 @@ def test_fuse_rejects_bad_arguments():
         fused(torch.randn(2, 3, 32, 32, dtype=torch.float64))
 
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC -> float64 NCHW as torchvision's ToTensor + Normalize make it."""
+    mean, std = torch.tensor(IMAGENET_MEAN, dtype=torch.float64), torch.tensor(IMAGENET_STD, dtype=torch.float64)
+    return ((images.double() / 255 - mean) / std).permute(0, 3, 1, 2).to(images.device)
+
+
+# float32: the pointer stem (IEEE float32 stays off the TMA forms); bfloat16: the TMA stem over space-to-depth cells.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_uint8_images_through_the_fused_stem_equal_normalize_then_eager(dtype):
+    model = models.build("resnet18", seed=1, num_classes=10)
+    fused = models.fuse(model, dtype=dtype, input_mean=IMAGENET_MEAN, input_std=IMAGENET_STD)
+    images = torch.randint(0, 256, (1, 33, 41, 3), dtype=torch.uint8)  # odd sizes: half-filled cells at the border
+    with torch.inference_mode():
+        out = fused(images)
+        ref = model.double()(normalize(images))
+        float_out = fused(normalize(images).float())  # float32 NCHW input is taken as normalized already
+    assert_relative_close(out, ref, TOLERANCES[dtype], what=f"uint8 images {dtype}")
+    assert_relative_close(float_out, ref, TOLERANCES[dtype], what=f"normalized float32 images {dtype}")
+    assert_same_top1(out, ref.float(), exact=dtype == torch.float32)
+
+
+def test_fuse_rejects_bad_normalization_and_images():
+    model = models.build("digits_resnet")
+    with pytest.raises(ValueError, match="input_mean and input_std"):
+        models.fuse(model, input_mean=IMAGENET_MEAN)
+    with pytest.raises(ValueError, match="3 values"):
+        models.fuse(model, input_mean=(0.5, 0.5), input_std=(0.2, 0.2))
+    with pytest.raises(ValueError, match="positive"):
+        models.fuse(model, input_mean=IMAGENET_MEAN, input_std=(0.2, 0.0, 0.2))
+    with pytest.raises(ValueError, match="allow_tf32"):
+        models.fuse(model, dtype=torch.float16, allow_tf32=True)
+    images = torch.randint(0, 256, (1, 32, 32, 3), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="input_mean"):
+        models.fuse(model)(images)  # uint8 without normalization
+    normalizing = models.fuse(model, input_mean=IMAGENET_MEAN, input_std=IMAGENET_STD)
+    with pytest.raises(ValueError, match="NHWC"):
+        normalizing(images.permute(0, 3, 1, 2).contiguous())
+
+
+def test_form_table_rows_are_marked_unmeasured_and_cover_every_layer_kind():
+    from models.conv_forms import FORM_TABLE, UNMEASURED, choose_form
+
+    # No GPU has timed these choices yet: every row must say so until bench/gpu_check.sh has measured it.
+    assert all(UNMEASURED in row.basis for row in FORM_TABLE)
+    for kind in ("stem", "1x1", "1x1/2", "3x3"):
+        for side in (1, 7, 14, 28, 56, 112):
+            choose_form(kind, side)
+
+
+@pytest.mark.parametrize(
+    ("conv", "height", "expected"),
+    [
+        (torch.nn.Conv2d(16, 32, 1, bias=False), 6, "conv1x1_tma"),
+        (torch.nn.Conv2d(16, 32, 1, stride=2, bias=False), 6, "conv_tma"),
+        (torch.nn.Conv2d(16, 16, 3, padding=1, bias=False), 28, "conv_tma"),  # a 28x28 map: boxes
+        (torch.nn.Conv2d(16, 16, 3, padding=1, bias=False), 14, "conv_bn_act"),  # 14x14: the pointer kernel
+        (torch.nn.Conv2d(16, 16, 3, stride=2, padding=1, bias=False), 7, "conv_bn_act"),  # odd map at stride 2
+        (torch.nn.Conv2d(8, 16, 3, padding=1, bias=False), 28, "conv_bn_act"),  # C = 8: no 16-channel step
+    ],
+)
+def test_fused_conv_runs_the_form_the_table_picks(conv, height, expected, monkeypatch):
+    from models import conv_forms
+    from models.fused import FusedConv
+
+    bn = torch.nn.BatchNorm2d(conv.out_channels).eval()
+    fused = FusedConv(conv.eval(), bn, torch.float16, relu=True)
+    ran = []
+    for name, module in (("conv1x1_tma", conv_forms.gemm_tma), ("conv_tma", conv_forms.taps_tma)):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k: ran.append(_n) or _f(*a, **k))
+    original_pointer = conv_forms.conv_bn_act
+    monkeypatch.setattr(
+        conv_forms, "conv_bn_act", lambda *a, **k: ran.append("conv_bn_act") or original_pointer(*a, **k)
+    )
+    x = torch.randn(1, conv.in_channels, height, height)
+    with torch.inference_mode():
+        out = fused(x.permute(0, 2, 3, 1).half().contiguous())
+        ref = torch.relu(bn(conv(x.half().float()))).permute(0, 2, 3, 1)
+    assert ran == [expected]
+    assert_relative_close(out, ref, TOLERANCES[torch.float16], what=f"{expected} float16")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch", [1, 32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=dtype_id)
@@ -117,3 +202,15 @@ def test_fused_matches_eager_at_224_on_gpu(name, dtype, batch):
     # Among 1000 random-weight classes the top two are ~0.27 RMS logits apart on average, against a reach of 0.04 RMS:
     # most rows are decided in half precision, and a quarter at least must be (at batch 1 none: the parity bound is).
     check_model_parity(name, dtype, torch.randn(batch, 3, 224, 224, device="cuda"), min_decided=batch // 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_uint8_images_at_224_on_gpu(dtype):
+    model = models.build("resnet50", seed=1).cuda()
+    fused = models.fuse(model, dtype=dtype, input_mean=IMAGENET_MEAN, input_std=IMAGENET_STD)
+    images = torch.randint(0, 256, (4, 224, 224, 3), dtype=torch.uint8, device="cuda")
+    with torch.inference_mode():
+        out = fused(images)
+        ref = model.double()(normalize(images))
+    assert_relative_close(out, ref, TOLERANCES[dtype], what=f"uint8 resnet50 {dtype}")
