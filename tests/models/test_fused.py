@@ -180,13 +180,9 @@ def test_fused_conv_runs_the_form_the_table_picks(conv, height, expected, monkey
     bn = torch.nn.BatchNorm2d(conv.out_channels).eval()
     fused = FusedConv(conv.eval(), bn, torch.float16, relu=True)
     ran = []
-    for name, module in (("conv1x1_tma", conv_forms.gemm_tma), ("conv_tma", conv_forms.taps_tma)):
-        original = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k: ran.append(_n) or _f(*a, **k))
-    original_pointer = conv_forms.conv_bn_act
-    monkeypatch.setattr(
-        conv_forms, "conv_bn_act", lambda *a, **k: ran.append("conv_bn_act") or original_pointer(*a, **k)
-    )
+    for name in ("conv1x1_tma", "conv_tma", "conv_bn_act"):
+        original = getattr(conv_forms, name)
+        monkeypatch.setattr(conv_forms, name, lambda *a, _f=original, _n=name, **k: ran.append(_n) or _f(*a, **k))
     x = torch.randn(1, conv.in_channels, height, height)
     with torch.inference_mode():
         out = fused(x.permute(0, 2, 3, 1).half().contiguous())
