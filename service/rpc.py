@@ -47,7 +47,7 @@ class RpcError(Exception):
 
 _STATUS_OF_ERROR: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
-    (ModelNotReadyError, grpc.StatusCode.UNAVAILABLE),
+    (ModelNotReadyError, grpc.StatusCode.UNAVAILABLE),  # ModelLoadError too
     (BatcherStoppedError, grpc.StatusCode.UNAVAILABLE),
     (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ImageTooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
