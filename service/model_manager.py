@@ -14,10 +14,12 @@ of the repository again (RepositoryModelLoad), in a worker thread under the same
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from models.pretrained import WeightsUnavailableError
 from service.backends import BackendUnavailableError, resolve_backend_kind
@@ -80,6 +82,8 @@ class ModelManager:
         self.statistics = statistics or InferenceStatistics()
         self._load_lock = threading.Lock()  # one load at a time (see above)
         self._started_up = not self._models  # every model has settled once
+        self._in_flight: Counter[str] = Counter()  # requests inside `serving(name)`, by model
+        self._in_flight_changed = asyncio.Condition()
         self._stopped = False
         for name in self._models:
             metrics.model_ready.labels(name).set(0)
@@ -114,6 +118,19 @@ class ModelManager:
             raise ModelNotReadyError(f"model {name!r} is not ready: {model.reason}")
         return model.state.loaded
 
+    @contextlib.asynccontextmanager
+    async def serving(self, name: str) -> AsyncIterator[Loaded]:
+        """`ready_model(name)`, counted in flight until the block ends: an unload lets every such request finish
+        (its batcher still runs) before it stops the batcher."""
+        loaded = self.ready_model(name)
+        self._in_flight[name] += 1
+        try:
+            yield loaded
+        finally:
+            self._in_flight[name] -= 1
+            async with self._in_flight_changed:
+                self._in_flight_changed.notify_all()
+
     def start_loading(self) -> None:
         """Starts the loader thread and returns at once."""
         loop = asyncio.get_running_loop()
@@ -134,8 +151,9 @@ class ModelManager:
             raise ModelLoadError(f"model {name!r} failed to load: {model.reason}")
 
     async def unload(self, name: str) -> None:
-        """Stops serving model `name`: new requests get UNAVAILABLE at once, those in its queue are answered, then it
-        is Unloaded. Nothing to do when it serves nothing; ModelNotReadyError while it is loading or draining."""
+        """Stops serving model `name`: new requests get UNAVAILABLE at once, those in flight (`serving`) and in its
+        queue are answered, then it is Unloaded. Nothing to do when it serves nothing; ModelNotReadyError while it is
+        loading or draining."""
         model = self.find(name)
         if isinstance(model.state, Failed | Unloaded):
             return
@@ -143,6 +161,8 @@ class ModelManager:
             raise ModelNotReadyError(f"model {name!r} is {model.reason}; unload it once that has finished")
         loaded = model.state.loaded
         self._enter(model, Draining(loaded))
+        async with self._in_flight_changed:
+            await self._in_flight_changed.wait_for(lambda: not self._in_flight[name])
         await loaded.batcher.stop()
         self._enter(model, Unloaded())
         logger.info("model %s unloaded", name)

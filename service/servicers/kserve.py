@@ -230,13 +230,13 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         seconds or None. Raises what service/rpc.py maps to status codes, and counts the request in the model's
         statistics (a failure too, once the model is known to serve)."""
         started = time.perf_counter_ns()
-        model = self._models.ready_model(request.model_name)
-        stats = self._models.statistics.of(model.name)
-        try:
-            response, rows, times = await self._infer_loaded(model, request, deadline)
-        except Exception:
-            stats.record_failure(time.perf_counter_ns() - started)
-            raise
+        async with self._models.serving(request.model_name) as model:
+            stats = self._models.statistics.of(model.name)
+            try:
+                response, rows, times = await self._infer_loaded(model, request, deadline)
+            except Exception:
+                stats.record_failure(time.perf_counter_ns() - started)
+                raise
         stats.record_success(rows, time.perf_counter_ns() - started, times)
         return response
 

@@ -203,6 +203,32 @@ def test_unload_drains_queued_work_then_refuses_and_load_serves_again():
     asyncio.run(main())
 
 
+def test_unload_waits_for_requests_in_flight_before_it_stops_the_batcher():
+    harness = Harness({"m": parts_of(FakeBackend())})
+    manager = harness.manager
+
+    async def main():
+        manager.start_loading()
+        await harness.settle()
+        async with manager.serving("m") as loaded:  # a request still decoding its input
+            unloading = asyncio.create_task(manager.unload("m"))
+            await wait_until(lambda: isinstance(manager.find("m").state, Draining))
+            with pytest.raises(ModelNotReadyError, match="draining"):
+                async with manager.serving("m"):
+                    pass
+            await asyncio.sleep(0.05)
+            assert not unloading.done()
+            # Its batcher still runs for it.
+            assert (await loaded.batcher.submit(torch.randn(1, 3, 4, 4))).logits.shape == (1, CLASSES)
+        await asyncio.wait_for(unloading, 10)
+        assert manager.find("m").state == Unloaded()
+        with pytest.raises(BatcherStoppedError):
+            await loaded.batcher.submit(torch.randn(1, 3, 4, 4))
+        await manager.stop()
+
+    asyncio.run(main())
+
+
 def test_a_load_that_fails_raises_its_reason_and_leaves_the_model_failed():
     harness = Harness({"bad": WeightsUnavailableError("no checkpoint offline")})
     manager = harness.manager
