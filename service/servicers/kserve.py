@@ -52,6 +52,11 @@ _UNLOAD_PARAMETERS = ("unload_dependents",)
 _INPUT_DTYPES: dict[str, np.dtype] = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2")}
 
 
+# (what is not supported, what to do instead) for the RPCs of a feature this server lacks.
+_SYSTEM_SHARED_MEMORY = ("system shared memory is", "send tensors in raw_input_contents")
+_CUDA_SHARED_MEMORY = ("CUDA shared memory is", "send tensors in raw_input_contents")
+
+
 def _unsupported(method: str, feature: str, instead: str) -> Callable[..., Awaitable[Any]]:
     """An RPC of the protocol this server does not implement: UNIMPLEMENTED, with what to do instead."""
 
@@ -273,24 +278,12 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         )
         return response, len(logits), times
 
-    SystemSharedMemoryStatus = _unsupported(
-        "SystemSharedMemoryStatus", "system shared memory is", "send tensors in raw_input_contents"
-    )
-    SystemSharedMemoryRegister = _unsupported(
-        "SystemSharedMemoryRegister", "system shared memory is", "send tensors in raw_input_contents"
-    )
-    SystemSharedMemoryUnregister = _unsupported(
-        "SystemSharedMemoryUnregister", "system shared memory is", "send tensors in raw_input_contents"
-    )
-    CudaSharedMemoryStatus = _unsupported(
-        "CudaSharedMemoryStatus", "CUDA shared memory is", "send tensors in raw_input_contents"
-    )
-    CudaSharedMemoryRegister = _unsupported(
-        "CudaSharedMemoryRegister", "CUDA shared memory is", "send tensors in raw_input_contents"
-    )
-    CudaSharedMemoryUnregister = _unsupported(
-        "CudaSharedMemoryUnregister", "CUDA shared memory is", "send tensors in raw_input_contents"
-    )
+    SystemSharedMemoryStatus = _unsupported("SystemSharedMemoryStatus", *_SYSTEM_SHARED_MEMORY)
+    SystemSharedMemoryRegister = _unsupported("SystemSharedMemoryRegister", *_SYSTEM_SHARED_MEMORY)
+    SystemSharedMemoryUnregister = _unsupported("SystemSharedMemoryUnregister", *_SYSTEM_SHARED_MEMORY)
+    CudaSharedMemoryStatus = _unsupported("CudaSharedMemoryStatus", *_CUDA_SHARED_MEMORY)
+    CudaSharedMemoryRegister = _unsupported("CudaSharedMemoryRegister", *_CUDA_SHARED_MEMORY)
+    CudaSharedMemoryUnregister = _unsupported("CudaSharedMemoryUnregister", *_CUDA_SHARED_MEMORY)
     TraceSetting = _unsupported(
         "TraceSetting", "request tracing is", "every answer carries an x-request-id, also in the server's log"
     )
