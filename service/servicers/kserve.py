@@ -11,11 +11,14 @@ answer UNIMPLEMENTED with a message that says so.
 """
 
 import asyncio
+import functools
 import math
 import time
+import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -101,9 +104,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(
-            name=SERVER_NAME, version=metadata.version(SERVER_NAME), extensions=list(EXTENSIONS)
-        )
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=server_version(), extensions=list(EXTENSIONS))
 
     @rpc_handler(lambda request: request.name)
     async def ModelReady(
@@ -288,6 +289,17 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         "TraceSetting", "request tracing is", "every answer carries an x-request-id, also in the server's log"
     )
     LogSettings = _unsupported("LogSettings", "changing log settings at run time is", "start it with --log-level")
+
+
+@functools.cache
+def server_version() -> str:
+    """The installed package's version, or, run from a checkout that is not installed (PYTHONPATH, as on the GPU
+    machines), the one its pyproject.toml declares: perf_analyzer asks ServerMetadata before anything else."""
+    try:
+        return metadata.version(SERVER_NAME)
+    except metadata.PackageNotFoundError:
+        pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+        return tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["version"]
 
 
 def _requested_class_count(request: pb.ModelInferRequest, model: Loaded) -> int | None:

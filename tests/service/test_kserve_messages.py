@@ -1,7 +1,10 @@
 """The builders of Triton's messages (service/servicers/kserve_messages.py), in process: what a GPU model's config
-says, the index in every lifecycle state, statistics, and classification ties. End to end: test_triton_extensions.py.
+says, the index in every lifecycle state, statistics, classification ties; and ServerMetadata's version from a
+checkout. End to end: test_triton_extensions.py.
 """
 
+import importlib.metadata
+import tomllib
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,8 +15,10 @@ from models.precision import FLOAT32
 from service._proto import model_config_pb2 as mc
 from service.lifecycle import Draining, Failed, Loaded, Loading, ModelState, OutputSpec, Ready, ServedModel, Unloaded
 from service.repository import ModelConfig
+from service.servicers import kserve
 from service.servicers.kserve_messages import classification_output, model_config, model_statistics, repository_index
 from service.statistics import InferenceStatistics, RequestTimes
+from tests.support.server import REPO_ROOT
 
 BACKEND = SimpleNamespace(name="fused", device=torch.device("cuda", 1), preferred_batch_sizes=(1, 8, 32))
 LOADED = Loaded("m", FLOAT32, BACKEND, None, digits.INPUT, OutputSpec(("zero", "one", "two")))
@@ -80,3 +85,16 @@ def test_classification_breaks_ties_by_the_lower_index_and_frames_each_string():
     assert (tensor.datatype, list(tensor.shape)) == ("BYTES", [2, 2])
     strings = [b"2.000000:1:one", b"2.000000:2:two", b"0.250000:2:two", b"-1.000000:0:zero"]
     assert raw == b"".join(len(text).to_bytes(4, "little") + text for text in strings)
+
+
+def test_server_version_from_a_checkout_that_is_not_installed(monkeypatch):
+    def not_installed(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    kserve.server_version.cache_clear()
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    try:
+        pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+        assert kserve.server_version() == pyproject["project"]["version"]
+    finally:
+        kserve.server_version.cache_clear()
