@@ -1,4 +1,4 @@
-"""The gRPC server: Classifier, KServe v2 inference, health and reflection on one port, plus /metrics over HTTP.
+"""The gRPC server: Classifier, KServe v2 inference, health, reflection (v1, v1alpha) on one port; /metrics on HTTP.
 
 Lifecycle: `start()` binds and answers at once while models load in the background (health NOT_SERVING until every
 model has settled and one is ready); `stop(grace)` turns health NOT_SERVING, refuses new RPCs, lets in-flight ones
@@ -15,13 +15,13 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 import models.kernel_cache
 from service._proto import classifier_pb2, classifier_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
 from service.backends.base import AUTO_BACKEND
 from service.metrics import ServiceMetrics
 from service.model_manager import ModelManager
+from service.reflection import enable_server_reflection
 from service.repository import DEFAULT_REPOSITORY, ModelConfig, load_repository
 from service.rpc import CallScope
 from service.servicers.classifier import ClassifierServicer
@@ -108,9 +108,7 @@ class InferenceServer:
             server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (CLASSIFIER_SERVICE, INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        enable_server_reflection((CLASSIFIER_SERVICE, INFERENCE_SERVICE, health.SERVICE_NAME), server)
         try:
             port = server.add_insecure_port(f"{settings.host}:{settings.port}")
             if settings.metrics_port:
