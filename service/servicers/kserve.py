@@ -107,7 +107,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         # Up to a whole message of bytes to copy (and widen from FP16): off the event loop.
         inputs = await run_blocking(self._tensor_executor, _input_tensor, request, model)
         result = await model.batcher.submit(inputs, deadline=deadline_of(context))
-        self._metrics.record_queue_wait(model.name, result.queue_us)
+        self._metrics.record_batched(model.name, result.queue_us, result.compute_us)
         logits = result.logits.contiguous().numpy().astype("<f4", copy=False)
         return pb.ModelInferResponse(
             model_name=model.name,

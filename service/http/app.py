@@ -1,0 +1,118 @@
+"""The KServe v2 HTTP/REST routes, each a translation to the gRPC servicer's RPC of the same meaning.
+
+Every call runs the servicer's own handler (service/servicers/kserve.py) through HttpCallContext, so HTTP and gRPC
+share the model manager, the batcher, the checks, the metrics and the mapping of errors to status codes.
+"""
+
+from typing import Any
+
+from aiohttp import web
+
+from service._proto import grpc_service_pb2 as pb
+from service.http.context import HttpCallContext
+from service.http.errors import error_response, json_errors
+from service.http.model_config import model_config_json
+from service.http.tensors import HEADER_LENGTH, infer_response_body, parse_infer_request
+from service.model_manager import ModelManager
+from service.servicers.kserve import InferenceServicer
+
+# Paths with and without /versions/{version}; an absent version is "" as in gRPC (the model's only version).
+_MODEL = "/v2/models/{model}"
+_MODEL_VERSION = "/v2/models/{model}/versions/{version}"
+
+
+def kserve_http_app(servicer: InferenceServicer, models: ModelManager, *, max_body_bytes: int) -> web.Application:
+    """The application; bodies over `max_body_bytes` (the gRPC message limit) are refused with 413."""
+    routes = _Routes(servicer, models)
+    app = web.Application(middlewares=[json_errors], client_max_size=max_body_bytes)
+    app.add_routes([
+        web.get("/v2/health/live", routes.live),
+        web.get("/v2/health/ready", routes.ready),
+        web.get("/v2", routes.server_metadata),
+        *(web.get(path, routes.model_metadata) for path in (_MODEL, _MODEL_VERSION)),
+        *(web.get(path + "/ready", routes.model_ready) for path in (_MODEL, _MODEL_VERSION)),
+        *(web.get(path + "/config", routes.model_config) for path in (_MODEL, _MODEL_VERSION)),
+        *(web.post(path + "/infer", routes.infer) for path in (_MODEL, _MODEL_VERSION)),
+    ])  # fmt: skip
+    return app
+
+
+class _Routes:
+    def __init__(self, servicer: InferenceServicer, models: ModelManager) -> None:
+        self._servicer = servicer
+        self._models = models
+
+    async def live(self, request: web.Request) -> web.Response:
+        context = HttpCallContext(request)
+        answer = await self._servicer.ServerLive(pb.ServerLiveRequest(), context.as_servicer_context())
+        return _health(answer.live, "server is not live", context)
+
+    async def ready(self, request: web.Request) -> web.Response:
+        context = HttpCallContext(request)
+        answer = await self._servicer.ServerReady(pb.ServerReadyRequest(), context.as_servicer_context())
+        return _health(answer.ready, "server is not ready: models are loading, none could load, or it is draining",
+                       context)  # fmt: skip
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        context = HttpCallContext(request)
+        answer = await self._servicer.ServerMetadata(pb.ServerMetadataRequest(), context.as_servicer_context())
+        return _json({"name": answer.name, "version": answer.version, "extensions": list(answer.extensions)}, context)
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        context = HttpCallContext(request)
+        answer = await self._metadata(request, context)
+        body = {
+            "name": answer.name,
+            "versions": list(answer.versions),
+            "platform": answer.platform,
+            "inputs": [_tensor_metadata(tensor) for tensor in answer.inputs],
+            "outputs": [_tensor_metadata(tensor) for tensor in answer.outputs],
+        }
+        return _json(body, context)
+
+    async def model_config(self, request: web.Request) -> web.Response:
+        context = HttpCallContext(request)
+        metadata = await self._metadata(request, context)
+        return _json(model_config_json(metadata, self._models.find(metadata.name).config), context)
+
+    async def _metadata(self, request: web.Request, context: HttpCallContext) -> pb.ModelMetadataResponse:
+        name, version = _model_of(request)
+        return await self._servicer.ModelMetadata(
+            pb.ModelMetadataRequest(name=name, version=version), context.as_servicer_context()
+        )
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        context = HttpCallContext(request)
+        name, version = _model_of(request)
+        answer = await self._servicer.ModelReady(
+            pb.ModelReadyRequest(name=name, version=version), context.as_servicer_context()
+        )
+        return _health(answer.ready, f"model {name!r} is not ready", context)
+
+    async def infer(self, request: web.Request) -> web.Response:
+        context = HttpCallContext(request)
+        name, version = _model_of(request)
+        body = await request.read()  # 413 (HTTPRequestEntityTooLarge) past client_max_size
+        infer_request, encoding = parse_infer_request(name, version, body, request.headers.get(HEADER_LENGTH))
+        answer = await self._servicer.ModelInfer(infer_request, context.as_servicer_context())
+        response_body, headers = infer_response_body(answer, encoding)
+        return web.Response(body=response_body, headers={**headers, **context.response_headers})
+
+
+def _model_of(request: web.Request) -> tuple[str, str]:
+    return request.match_info["model"], request.match_info.get("version", "")
+
+
+def _tensor_metadata(tensor: pb.ModelMetadataResponse.TensorMetadata) -> dict[str, Any]:
+    return {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
+
+
+def _json(body: dict[str, Any], context: HttpCallContext) -> web.Response:
+    return web.json_response(body, headers=context.response_headers)
+
+
+def _health(ok: bool, why_not: str, context: HttpCallContext) -> web.Response:
+    """200 when `ok`, else 400 as Triton answers a probe that fails (its body is empty; ours says why)."""
+    if ok:
+        return web.Response(status=200, headers=context.response_headers)
+    return error_response(400, why_not, context.response_headers)
