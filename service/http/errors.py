@@ -65,4 +65,6 @@ def _message(request: web.Request, error: web.HTTPException) -> str:
         return f"no endpoint {request.path!r}; the KServe v2 endpoints are under /v2"
     if error.status == 405:
         return f"{request.method} is not allowed on {request.path!r}; allowed: {error.headers.get('Allow', '')}"
+    if error.status == 413:
+        return f"{error.text} (the server's --max-message-bytes, as for gRPC)"
     return error.text or error.reason
