@@ -117,7 +117,9 @@ class InferenceServer:
         try:
             port = server.add_insecure_port(f"{settings.host}:{settings.port}")
             if settings.http_port:
-                app = kserve_http_app(inference, self.models, max_body_bytes=settings.max_message_bytes)
+                app = kserve_http_app(
+                    inference, self.models, self._decode_executor, max_body_bytes=settings.max_message_bytes
+                )
                 self._http_runners.append(
                     await start_site(app, settings.host, settings.http_port, grace_s=settings.grace_period_s)
                 )

@@ -1,9 +1,11 @@
 """The KServe v2 HTTP/REST routes, each a translation to the gRPC servicer's RPC of the same meaning.
 
-Every call runs the servicer's own handler (service/servicers/kserve.py) through HttpCallContext, so HTTP and gRPC
-share the model manager, the batcher, the checks, the metrics and the mapping of errors to status codes.
+Every call runs the servicer's own handler (service/servicers/kserve.py) through HttpCallContext (infer: the
+handler's body, `InferenceServicer.infer`, in the servicer's CallScope), so HTTP and gRPC share the model manager,
+the batcher, the checks, the metrics and the mapping of errors to status codes.
 """
 
+from concurrent.futures import Executor
 from typing import Any
 
 from aiohttp import web
@@ -12,8 +14,9 @@ from service._proto import grpc_service_pb2 as pb
 from service.http.context import HttpCallContext
 from service.http.errors import error_response, json_errors
 from service.http.model_config import model_config_json
-from service.http.tensors import HEADER_LENGTH, infer_response_body, parse_infer_request
+from service.http.tensors import HEADER_LENGTH, OutputEncoding, infer_response_body, parse_infer_request
 from service.model_manager import ModelManager
+from service.rpc import run_blocking
 from service.servicers.kserve import InferenceServicer
 
 # Paths with and without /versions/{version}; an absent version is "" as in gRPC (the model's only version).
@@ -21,9 +24,12 @@ _MODEL = "/v2/models/{model}"
 _MODEL_VERSION = "/v2/models/{model}/versions/{version}"
 
 
-def kserve_http_app(servicer: InferenceServicer, models: ModelManager, *, max_body_bytes: int) -> web.Application:
-    """The application; bodies over `max_body_bytes` (the gRPC message limit) are refused with 413."""
-    routes = _Routes(servicer, models)
+def kserve_http_app(
+    servicer: InferenceServicer, models: ModelManager, executor: Executor, *, max_body_bytes: int
+) -> web.Application:
+    """The application; bodies over `max_body_bytes` (the gRPC message limit) are refused with 413. Request bodies
+    are parsed on `executor` (the servicer's tensor threads)."""
+    routes = _Routes(servicer, models, executor)
     app = web.Application(middlewares=[json_errors], client_max_size=max_body_bytes)
     app.add_routes([
         web.get("/v2/health/live", routes.live),
@@ -38,9 +44,10 @@ def kserve_http_app(servicer: InferenceServicer, models: ModelManager, *, max_bo
 
 
 class _Routes:
-    def __init__(self, servicer: InferenceServicer, models: ModelManager) -> None:
+    def __init__(self, servicer: InferenceServicer, models: ModelManager, executor: Executor) -> None:
         self._servicer = servicer
         self._models = models
+        self._executor = executor
 
     async def live(self, request: web.Request) -> web.Response:
         context = HttpCallContext(request)
@@ -92,9 +99,21 @@ class _Routes:
     async def infer(self, request: web.Request) -> web.Response:
         context = HttpCallContext(request)
         name, version = _model_of(request)
-        body = await request.read()  # 413 (HTTPRequestEntityTooLarge) past client_max_size
-        infer_request, encoding = parse_infer_request(name, version, body, request.headers.get(HEADER_LENGTH))
-        answer = await self._servicer.ModelInfer(infer_request, context.as_servicer_context())
+        # Before the call's scope, as gRPC refuses an oversized message before the handler: 413 past client_max_size.
+        body = await request.read()
+        header_length = request.headers.get(HEADER_LENGTH)
+
+        async def parse_and_infer() -> tuple[pb.ModelInferResponse, OutputEncoding]:
+            # Parsing is the gRPC call's decoding; up to a whole body of JSON to read: off the event loop.
+            infer_request, encoding = await run_blocking(
+                self._executor, parse_infer_request, name, version, body, header_length
+            )
+            return await self._servicer.infer(infer_request, deadline=None), encoding
+
+        # One scope for parsing and inference: a malformed body is counted and answered like a malformed message.
+        answer, encoding = await self._servicer.call_scope.run(
+            "ModelInfer", name, context.as_servicer_context(), parse_and_infer
+        )
         response_body, headers = infer_response_body(answer, encoding)
         return web.Response(body=response_body, headers={**headers, **context.response_headers})
 

@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 
 from service._proto import grpc_service_pb2 as pb
-from service.http.errors import HttpCallError
+from service.rpc import RpcError
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # Triton's datatypes that have a numpy dtype, little-endian as on the wire. BYTES and BF16 have none.
@@ -46,7 +46,7 @@ class OutputEncoding:
 def parse_infer_request(
     model_name: str, model_version: str, body: bytes, header_length: str | None
 ) -> tuple[pb.ModelInferRequest, OutputEncoding]:
-    """The ModelInferRequest an HTTP infer body stands for; HttpCallError(INVALID_ARGUMENT) naming what is wrong."""
+    """The ModelInferRequest an HTTP infer body stands for; RpcError(INVALID_ARGUMENT) naming what is wrong."""
     json_length = _json_length(header_length, len(body))
     header = _object(_json(body[:json_length]), "the request")
     binary = memoryview(body)[json_length:]
@@ -196,5 +196,5 @@ def _string(mapping: dict[str, Any], key: str, default: str | None = None) -> st
     return value
 
 
-def _invalid(message: str) -> HttpCallError:
-    return HttpCallError(grpc.StatusCode.INVALID_ARGUMENT, message)
+def _invalid(message: str) -> RpcError:
+    return RpcError(grpc.StatusCode.INVALID_ARGUMENT, message)

@@ -97,6 +97,10 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
+        return await self.infer(request, deadline_of(context))
+
+    async def infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
+        """ModelInfer's work, shared with HTTP (service/http/app.py); the caller's CallScope maps its errors."""
         model = self._models.ready_model(request.model_name)
         _check_version(model.name, request.model_version)
         for output in request.outputs:
@@ -106,7 +110,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 )
         # Up to a whole message of bytes to copy (and widen from FP16): off the event loop.
         inputs = await run_blocking(self._tensor_executor, _input_tensor, request, model)
-        result = await model.batcher.submit(inputs, deadline=deadline_of(context))
+        result = await model.batcher.submit(inputs, deadline=deadline)
         self._metrics.record_batched(model.name, result.queue_us, result.compute_us)
         logits = result.logits.contiguous().numpy().astype("<f4", copy=False)
         return pb.ModelInferResponse(
