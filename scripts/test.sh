@@ -5,6 +5,8 @@ cd "$(dirname "$0")/.."
 EXTRAS=test bash scripts/setup.sh
 # tests/deploy/test_compose.py validates docker-compose.yml with Debian's docker-compose (no Docker engine needed).
 command -v docker-compose >/dev/null || { apt-get update -qq && apt-get install -y -qq docker-compose >/dev/null; }
+# tests/service/test_triton_tools_http.py drives the server with NVIDIA's perf_analyzer: installed here, not by the test.
+PERF_ANALYZER_INSTALL_ONLY=1 bash scripts/perf_analyzer.sh >/dev/null
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy  # kernels/, models/, service/: [tool.mypy] in pyproject.toml

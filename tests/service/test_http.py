@@ -12,7 +12,7 @@ import torch
 
 import models
 from models import digits
-from tests.support.http import HEADER_LENGTH, HttpAnswer, call, infer_body, split_response
+from tests.support.kserve_http import HEADER_LENGTH, HttpAnswer, call, infer_body, split_response
 from tests.support.numerics import CROSS_BACKEND_TOLERANCE, assert_relative_close
 from tests.support.server import CPU_ONLY, ServerProcess, serving, write_repository
 

@@ -14,7 +14,7 @@ from models import digits
 from service._proto import grpc_service_pb2 as pb
 from service._proto import grpc_service_pb2_grpc
 from service.gpu_metrics import gpu_collector
-from tests.support.http import call, infer_body
+from tests.support.kserve_http import call, infer_body
 from tests.support.server import CPU_ONLY, ServerProcess, serving, write_repository
 
 SIZE = digits.INPUT_SIZE

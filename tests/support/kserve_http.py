@@ -1,4 +1,5 @@
-"""A small HTTP client for the tests of the KServe v2 HTTP/REST endpoints (stdlib only, bounded by a timeout)."""
+"""A small HTTP client for the tests of the KServe v2 HTTP/REST endpoints (stdlib only, bounded by a timeout). Not named
+http.py: scripts run from tests/support (the tritonclient probes) would import it as the standard library's http."""
 
 import json
 import urllib.error
