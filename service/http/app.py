@@ -57,8 +57,8 @@ class _Routes:
     async def ready(self, request: web.Request) -> web.Response:
         context = HttpCallContext(request)
         answer = await self._servicer.ServerReady(pb.ServerReadyRequest(), context.as_servicer_context())
-        return _health(answer.ready, "server is not ready: models are loading, none could load, or it is draining",
-                       context)  # fmt: skip
+        why_not = "server is not ready: models are loading, none could load, or it is draining"
+        return _health(answer.ready, why_not, context)
 
     async def server_metadata(self, request: web.Request) -> web.Response:
         context = HttpCallContext(request)

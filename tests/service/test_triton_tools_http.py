@@ -85,9 +85,10 @@ def test_perf_analyzer_over_http_has_no_errors(server: ServerProcess, tmp_path: 
     completed = subprocess.run(
         [str(REPO_ROOT / "scripts" / "perf_analyzer.sh"), "-m", "digits_resnet", "-i", "http",
          "-u", f"127.0.0.1:{server.http_port}", "--concurrency-range", "1:8:7",
-         # Bounded: windows of 10 requests, at most 3 per concurrency; any window counts as stable on a shared CPU.
-         "--measurement-mode", "count_windows", "--measurement-request-count", "10", "--max-trials", "3",
-         "--stability-percentage", "1000", "-f", str(report)],
+         # Bounded: windows of 10 requests, at most 4 per concurrency. A check of correctness, not a measurement: on a
+         # shared CPU one window can be 50 times slower than the next, so any 3 windows count as stable (max/min 1001).
+         "--measurement-mode", "count_windows", "--measurement-request-count", "10", "--max-trials", "4",
+         "--stability-percentage", "100000", "-f", str(report)],
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert completed.returncode == 0, completed.stdout + completed.stderr
