@@ -32,7 +32,7 @@ from prometheus_client import (
 )
 
 from service.gpu_metrics import gpu_collector
-from service.http.errors import json_errors
+from service.http.errors import ENDPOINTS, json_errors
 from service.http.site import start_site
 
 logger = logging.getLogger(__name__)
@@ -185,5 +185,6 @@ def metrics_app(registry: CollectorRegistry) -> web.Application:
         return web.Response(body=text, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application(middlewares=[json_errors])
+    app[ENDPOINTS] = "this port serves /metrics only"
     app.router.add_get("/metrics", metrics)
     return app

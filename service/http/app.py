@@ -12,7 +12,7 @@ from aiohttp import web
 
 from service._proto import grpc_service_pb2 as pb
 from service.http.context import HttpCallContext
-from service.http.errors import error_response, json_errors
+from service.http.errors import ENDPOINTS, error_response, json_errors
 from service.http.model_config import model_config_json
 from service.http.tensors import HEADER_LENGTH, OutputEncoding, infer_response_body, parse_infer_request
 from service.model_manager import ModelManager
@@ -31,6 +31,7 @@ def kserve_http_app(
     are parsed on `executor` (the servicer's tensor threads)."""
     routes = _Routes(servicer, models, executor)
     app = web.Application(middlewares=[json_errors], client_max_size=max_body_bytes)
+    app[ENDPOINTS] = "the KServe v2 endpoints are under /v2"
     app.add_routes([
         web.get("/v2/health/live", routes.live),
         web.get("/v2/health/ready", routes.ready),

@@ -27,6 +27,10 @@ HTTP_STATUS_OF_CODE: dict[grpc.StatusCode, int] = {
 }
 
 
+# What an application serves, in words, for the message of a 404 (every application using json_errors sets it).
+ENDPOINTS = web.AppKey("endpoints", str)
+
+
 class HttpCallError(Exception):
     """A call that ends with `code` (a gRPC status, mapped by HTTP_STATUS_OF_CODE) and `message`."""
 
@@ -54,15 +58,15 @@ async def json_errors(
         if error.status < 400:
             raise
         allow = {"Allow": error.headers["Allow"]} if "Allow" in error.headers else None
-        return error_response(error.status, _message(request, error), headers=allow)
+        return error_response(error.status, _message(request, error, request.app[ENDPOINTS]), headers=allow)
     except Exception:
         logger.exception("%s %s failed", request.method, request.path)
         return error_response(500, "internal error")
 
 
-def _message(request: web.Request, error: web.HTTPException) -> str:
+def _message(request: web.Request, error: web.HTTPException, endpoints: str) -> str:
     if error.status == 404:
-        return f"no endpoint {request.path!r}; the KServe v2 endpoints are under /v2"
+        return f"no endpoint {request.path!r}; {endpoints}"
     if error.status == 405:
         return f"{request.method} is not allowed on {request.path!r}; allowed: {error.headers.get('Allow', '')}"
     if error.status == 413:

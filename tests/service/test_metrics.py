@@ -3,6 +3,7 @@ Triton's nv_inference_* families counting exactly the inference requests sent, o
 
 from __future__ import annotations
 
+import json
 import urllib.error
 import urllib.request
 
@@ -47,6 +48,7 @@ def test_only_the_metrics_path_answers(server: ServerProcess):
         with pytest.raises(urllib.error.HTTPError) as raised:
             urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}{path}", timeout=10)
         assert raised.value.code == 404, path
+        assert "serves /metrics only" in json.loads(raised.value.read())["error"]
     names = family_names(server)
     assert {"process_cpu_seconds", "process_resident_memory_bytes", "python_info", "python_gc_collections"} <= names
     assert "resnet_requests" in names  # our own, beside
