@@ -5,6 +5,12 @@ and the next good request still succeeds."""
 from __future__ import annotations
 
 import json
+import signal
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +20,7 @@ import models
 from models import digits
 from tests.support.kserve_http import HEADER_LENGTH, HttpAnswer, call, infer_body, split_response
 from tests.support.numerics import CROSS_BACKEND_TOLERANCE, assert_relative_close
-from tests.support.server import CPU_ONLY, ServerProcess, serving, write_repository
+from tests.support.server import CPU_ONLY, ServerProcess, serving, start_server, write_repository
 
 MAX_MESSAGE_BYTES = 200_000
 SIZE = digits.INPUT_SIZE
@@ -209,3 +215,34 @@ def test_wrong_endpoints_answer_json_errors(server: ServerProcess, method: str, 
 def test_json_error_bodies_are_json_objects(server: ServerProcess):
     answer = infer(server, *_json_body('{"inputs": 5}'))
     assert json.loads(answer.body) == {"error": "'inputs' must be a non-empty list of tensors"}
+
+
+def test_sigterm_finishes_in_flight_http_requests_and_refuses_new_ones(tmp_path: Path):
+    # One image per batch on a model slow enough on a CPU (~50 ms each) that requests are still queued at SIGTERM.
+    slow = {"arch": "resnet18", "weights": "random", "input_size": 224, "backend": "eager", "max_batch_size": 1}
+    repository = write_repository(tmp_path / "models.toml", {"slow": slow})
+    server = start_server(tmp_path, "--grace-period", "60", repository=repository, env=CPU_ONLY)
+    try:
+        server.wait_until_serving()
+        callers = 4
+        image = np.random.default_rng(9).standard_normal((1, 3, 224, 224), dtype=np.float32)
+        body = infer_body([binary_input(image)], [image.tobytes()])
+        with ThreadPoolExecutor(callers) as pool:
+            in_flight = [pool.submit(infer, server, *body, model="slow") for _ in range(callers)]
+
+            def all_received() -> bool:
+                queued = server.metric("resnet_queue_depth", model="slow")
+                return queued >= 1 and queued + server.metric("resnet_batch_size_count", model="slow") >= callers - 1
+
+            deadline = time.monotonic() + 60
+            while not all_received():
+                assert time.monotonic() < deadline, "the requests never queued"
+                time.sleep(0.005)
+            server.process.send_signal(signal.SIGTERM)
+            answers = [future.result(timeout=120) for future in in_flight]
+        assert [logits_of(answer).shape for answer in answers] == [(1, 1000)] * callers
+        with pytest.raises(urllib.error.URLError):  # the port closed at SIGTERM: no new request is taken
+            urllib.request.urlopen(f"{server.http_url}/v2/health/live", timeout=10)
+        assert server.process.wait(timeout=60) == 0, server.log()
+    finally:
+        server.stop()
