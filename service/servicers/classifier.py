@@ -43,7 +43,7 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
                 self._decode_executor, decode_image, request.image, model.preprocessing, max_pixels=self._max_pixels
             )
             result = await model.batcher.submit(image.unsqueeze(0), deadline=deadline_of(context))
-        self._metrics.record_queue_wait(model.name, result.queue_us)
+        self._metrics.record_batched(model.name, result.queue_us, result.compute_us)
         probabilities = torch.softmax(result.logits[0], dim=0)
         scores, indices = probabilities.topk(top_k)
         labels = model.output.labels

@@ -257,7 +257,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         input_ns = time.perf_counter_ns() - input_started
         result = await model.batcher.submit(inputs, deadline=deadline)
         output_started = time.perf_counter_ns()
-        self._metrics.record_queue_wait(model.name, result.queue_us)
+        self._metrics.record_batched(model.name, result.queue_us, result.compute_us)
         logits = result.logits.contiguous().numpy().astype("<f4", copy=False)
         if class_count is None:
             output = pb.ModelInferResponse.InferOutputTensor(name=OUTPUT_NAME, datatype="FP32", shape=logits.shape)
