@@ -140,7 +140,7 @@ class FusedResNet(nn.Module):
             raise ValueError(f"x must be float32{raw}, got {x.dtype}")
         if x.device != self.fc_bias.device:
             raise ValueError(f"x is on {x.device}, the model on {self.fc_bias.device}")
-        x = self.stem(x) if x.dtype == torch.uint8 else self.stem.forward_nchw(x.contiguous())
+        x = self.stem(x) if x.dtype == torch.uint8 else self.stem(x.contiguous(), layout="NCHW")
         if self.maxpool is not None:
             kernel_size, stride, padding = self.maxpool
             x = max_pool2d_nhwc(x, kernel_size=kernel_size, stride=stride, padding=padding)

@@ -47,7 +47,8 @@ def _normalization(mean: Sequence[float], std: Sequence[float], channels: int) -
 
 
 class FusedStem(nn.Module):
-    """The stem convolution with its folded BN and ReLU; `forward` takes NHWC, `forward_nchw` the model's NCHW input.
+    """The stem convolution with its folded BN and ReLU; `forward` takes NHWC, or the model's NCHW input with
+    layout="NCHW" (through the module's call either way, so hooks and profiler ranges see the stem).
 
     input_mean/input_std (per channel, 0..1 units, torchvision's): given, uint8 images are accepted and normalized
     in the prologue; float images are taken as already normalized either way.
@@ -77,6 +78,10 @@ class FusedStem(nn.Module):
         self.in_channels = conv.in_channels
         self.kernel_size, self.stride, self.padding = conv_geometry(conv)
         self.allow_tf32 = allow_tf32
+        # What a convolution's description reads (bench.layers): the epilogue's ReLU, and no pre-activation prologue
+        # (normalizing raw images is the input's affine, not a BN of the previous layer).
+        self.relu = True
+        self.prologue_scale = None
         self.register_buffer("weight", pack_conv_weight(weight, dtype))
         self.register_buffer("bias", bias.float().contiguous())
         cells = (
@@ -101,15 +106,9 @@ class FusedStem(nn.Module):
             self.register_buffer("cell_scale", space_to_depth_channels(self.input_scale))
             self.register_buffer("cell_shift", space_to_depth_channels(self.input_shift))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [N, H, W, C], the compute dtype, or uint8 raw images -> [N, P, Q, K]
-        return self._run(x, "NHWC")
-
-    def forward_nchw(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [N, C, H, W] float (normalized images, the model's input contract) -> [N, P, Q, K]
-        return self._run(x, "NCHW")
-
-    def _run(self, images: torch.Tensor, layout: str) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, layout: str = "NHWC") -> torch.Tensor:
+        # images: NHWC [N, H, W, C] in the compute dtype or uint8 raw images, or NCHW [N, C, H, W] float (normalized,
+        # the model's input contract) -> [N, P, Q, K]
         raw = images.dtype == torch.uint8
         if raw and not self.normalizes:
             raise ValueError("x: uint8 images need models.fuse(..., input_mean=..., input_std=...) to normalize them")
