@@ -1,10 +1,12 @@
 """Dynamic batching: gather concurrent requests for one model into batches and run them off the event loop.
 
-One DynamicBatcher per model. Callers ``await submit(inputs)`` on the event loop; a single dispatcher task takes
-queued requests in arrival order until the batch holds ``max_batch_size`` rows or ``max_queue_delay_us`` has passed
-since the oldest of them was queued, then runs ``run_batch`` on one executor thread (backends are not re-entrant)
-and hands each caller a view of its own rows. Batch-sized tensor work (one ``torch.cat``) happens in that thread,
-never per request and never on the event loop.
+One DynamicBatcher per model. Callers ``await submit(inputs)`` on the event loop; a single dispatcher task gathers
+queued requests in arrival order until they hold ``max_batch_size`` rows or ``max_queue_delay_us`` has passed since
+the oldest of them was queued. Where the backend computes some sizes padded to a larger one (its preferred batch
+sizes, the graph buckets), the batch then closes where its ``bucket_policy`` says (service/batch_plan.py), and the
+requests it leaves stay queued, deadlines armed, for the next one. It runs ``run_batch`` on one executor thread
+(backends are not re-entrant) and hands each caller a view of its own rows. Batch-sized tensor work (one
+``torch.cat``) happens in that thread, never per request and never on the event loop.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from service.batch_plan import BucketPolicy, ComputeCosts, bucket_for, requests_to_take
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +74,9 @@ class DynamicBatcher:
     at a time. ``max_queue_size`` counts queued requests (not rows). ``on_batch(batch_size, queue_us, compute_us)``
     is called on the event loop after each batch, with the longest queue wait in that batch.
 
-    ``preferred_batch_sizes``: the backend's (service/backends/base.py), ascending, each at most max_batch_size.
-    The batcher holds them for a batching policy to aim at; today's policy ignores them and forms batches as
-    described above (with max_batch_size 32 and the fused backend's buckets, a batch of 17 computes 32 rows).
+    ``preferred_batch_sizes``: the backend's (service/backends/base.py), ascending, each at most max_batch_size; a
+    batch of n rows is taken to compute ``bucket_for(n)`` rows. ``bucket_policy`` decides where a batch closes among
+    them. ``on_padded_rows(rows)`` is called on the event loop after each batch with the rows computed for nothing.
     """
 
     def __init__(
@@ -86,6 +90,8 @@ class DynamicBatcher:
         name: str = "",
         on_batch: Callable[[int, int, int], None] | None = None,
         preferred_batch_sizes: Sequence[int] = (),
+        bucket_policy: BucketPolicy = BucketPolicy.COST,
+        on_padded_rows: Callable[[int], None] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_us < 0:
             raise ValueError(
@@ -97,6 +103,9 @@ class DynamicBatcher:
             raise ValueError(f"preferred_batch_sizes must ascend within 1..{max_batch_size}, got {preferred}")
         self._run_batch = run_batch
         self.preferred_batch_sizes = preferred
+        self.bucket_policy = bucket_policy
+        self._costs = ComputeCosts(preferred)
+        self._on_padded_rows = on_padded_rows
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_us / 1e6
         self.max_queue_size = max_queue_size
@@ -184,31 +193,64 @@ class DynamicBatcher:
             await self._run(batch)
 
     async def _gather_batch(self) -> list[_Request] | None:
-        """Wait for the first request, then take compatible ones until full or its delay window closes.
+        """Wait for the first request, then for compatible ones until full or its delay window closes; then close.
 
-        Returns None once stopping with an empty queue. Requests whose deadline passed are failed here, not run.
+        Returns None once stopping with an empty queue. Requests stay queued (their deadline timers armed) until the
+        batch closes; those whose deadline passed are failed here, not run.
         """
-        while not self._queue:
-            if self._stopping:
-                return None
-            self._arrived.clear()
-            await self._arrived.wait()
-        first = self._queue[0]
-        window_closes = first.queued_ns / 1e9 + self.max_queue_delay_s
-        batch: list[_Request] = []
-        rows = 0
         while True:
-            while self._queue and self._fits(self._queue[0], first, rows):
-                request = self._queue.popleft()
-                if request.expiry is not None:
-                    request.expiry.cancel()  # from here on _drop_expired checks its deadline at dispatch
-                batch.append(request)
-                rows += request.rows
-            if rows == self.max_batch_size or self._queue:
-                break  # full, or the next request does not fit this batch: it opens the next one
+            while not self._queue:
+                if self._stopping:
+                    return None
+                self._arrived.clear()
+                await self._arrived.wait()
+            if await self._window_closed(self._queue[0]):
+                return self._close()
+            # The first request left the queue (deadline, cancellation) while its window was open: the next one opens
+            # a window of its own.
+
+    async def _window_closed(self, first: _Request) -> bool:
+        """Waits until `first`'s batch can grow no more (full, blocked, or its window closed): True; False as soon as
+        `first` is no longer at the head of the queue."""
+        window_closes = first.queued_ns / 1e9 + self.max_queue_delay_s
+        while self._queue and self._queue[0] is first:
+            gathered = self._gatherable()
+            count, rows = len(gathered), sum(request.rows for request in gathered)
+            if rows == self.max_batch_size or count < len(self._queue):
+                return True  # full, or the next request does not fit this batch: it opens the next one
             remaining = window_closes - time.monotonic()
             if remaining <= 0 or self._stopping or not await self._wait_for_arrival(remaining):
+                return True
+        return False
+
+    def _gatherable(self) -> list[_Request]:
+        """The queue's head and the requests after it that can join its batch, in arrival order."""
+        first, rows, taken = self._queue[0], 0, []
+        for request in self._queue:
+            if not self._fits(request, first, rows):
                 break
+            taken.append(request)
+            rows += request.rows
+        return taken
+
+    def _close(self) -> list[_Request]:
+        """Takes the requests the bucket policy puts in this batch off the queue; the others stay for the next."""
+        if not self._queue:
+            return []  # the head expired just as its window closed
+        gathered = self._gatherable()
+        delay_ns = self.max_queue_delay_s * 1e9
+        now_ns = time.monotonic_ns()
+        count = requests_to_take(
+            self.bucket_policy,
+            [request.rows for request in gathered],
+            self.preferred_batch_sizes,
+            self._costs,
+            lambda index: max(0.0, (gathered[index].queued_ns + delay_ns - now_ns) / 1e9),
+        )
+        batch = [self._queue.popleft() for _ in range(count)]
+        for request in batch:
+            if request.expiry is not None:
+                request.expiry.cancel()  # from here on _drop_expired checks its deadline at dispatch
         return self._drop_expired(batch)
 
     def _fits(self, request: _Request, first: _Request, rows: int) -> bool:
@@ -252,6 +294,7 @@ class DynamicBatcher:
             return
         batch_rows = logits.shape[0]
         compute_us = compute_ns // 1000
+        self._costs.observe(batch_rows, compute_ns / 1e9)
         rows_per_request = logits.split([request.rows for request in batch])
         for request, rows in zip(batch, rows_per_request, strict=True):
             if not request.future.done():
@@ -262,6 +305,11 @@ class DynamicBatcher:
                 self._on_batch(batch_rows, (started_ns - batch[0].queued_ns) // 1000, compute_us)
             except Exception:  # a metrics observer must never stop the dispatcher
                 logger.exception("on_batch observer failed for model %r", self.name)
+        if self._on_padded_rows is not None:
+            try:
+                self._on_padded_rows(bucket_for(batch_rows, self.preferred_batch_sizes) - batch_rows)
+            except Exception:
+                logger.exception("on_padded_rows observer failed for model %r", self.name)
 
     def _compute(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
         """Executor thread: one concatenation for the whole batch, then the backend."""

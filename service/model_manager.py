@@ -156,8 +156,10 @@ class ModelManager:
             max_queue_delay_us=config.max_queue_delay_us,
             max_queue_size=model.max_queue_size,
             preferred_batch_sizes=parts.backend.preferred_batch_sizes,
+            bucket_policy=config.bucket_policy,
             name=model.name,
             on_batch=self._metrics.batch_observer(model.name),
+            on_padded_rows=self._metrics.padded_rows.labels(model.name).inc,
         )
         await batcher.start()
         self._metrics.track_queue_depth(model.name, lambda: batcher.queue_depth)

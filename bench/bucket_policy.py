@@ -1,0 +1,167 @@
+"""The batcher's bucket policies (service/batch_plan.py) side by side: images/s, latency and padded rows.
+
+A real model (ResNet-18, random weights, eager on this machine's device) behind `BucketedBackend`, which computes
+every batch padded up to its bucket as the fused backend's CUDA graphs do, so that padding costs what it costs there.
+`--callers` asyncio callers each submit one image, wait for it, and submit again (closed loop), straight to a
+DynamicBatcher: no gRPC, so the policy is what differs. Per policy and caller count: one warm-up round, then
+`--rounds` rounds of `--requests` images per caller; images/s per round (median, p20, p80), each round's p50/p99
+latency (their medians), the mean batch and the share of computed rows that were padding. JSON to
+<--out-dir>/bucket_policy_<device>_<date>.json.
+
+    python -m bench.bucket_policy [--callers 6 12] [--requests 6] [--rounds 5] [--input-size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import models
+from bench.common import RESULTS, command_name, machine
+from service.backends.base import Backend
+from service.backends.eager import EagerBackend
+from service.backends.fused import batch_buckets
+from service.batch_plan import BucketPolicy, bucket_for
+from service.batcher import DynamicBatcher
+
+logger = logging.getLogger("bench.bucket_policy")
+
+
+class BucketedBackend:
+    """`inner` computing each batch of n rows as its bucket's rows, like a CUDA graph per bucket: the rows past n
+    repeat the batch's last row (finite data; each row's logits depend on that row alone) and are dropped after."""
+
+    def __init__(self, inner: Backend, buckets: Sequence[int]) -> None:
+        self.name = inner.name
+        self.device = inner.device
+        self.dtype = inner.dtype
+        self.preferred_batch_sizes = tuple(buckets)
+        self._inner = inner
+
+    def run(self, batch: torch.Tensor) -> torch.Tensor:
+        n = batch.shape[0]
+        padding = bucket_for(n, self.preferred_batch_sizes) - n
+        padded = torch.cat([batch, batch[-1:].expand(padding, *batch.shape[1:])]) if padding else batch
+        return self._inner.run(padded)[:n]
+
+
+async def closed_loop_round(batcher: DynamicBatcher, image: torch.Tensor, callers: int, requests: int) -> dict:
+    latencies: list[float] = []
+    sizes: list[int] = []
+
+    async def caller() -> None:
+        for _ in range(requests):
+            started = time.perf_counter()
+            result = await batcher.submit(image)
+            latencies.append(time.perf_counter() - started)
+            sizes.append(result.batch_size)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(callers)))
+    wall = time.perf_counter() - started
+    return {
+        "images_per_s": callers * requests / wall,
+        "p50_ms": float(np.quantile(latencies, 0.5)) * 1e3,
+        "p99_ms": float(np.quantile(latencies, 0.99)) * 1e3,
+        "mean_batch": float(np.mean(sizes)),  # per request: the batch it ran in
+    }
+
+
+async def measure(backend: BucketedBackend, policy: BucketPolicy, args: argparse.Namespace, callers: int) -> dict:
+    padded: list[int] = []
+    batches: list[int] = []
+    batcher = DynamicBatcher(
+        backend.run,
+        max_batch_size=args.max_batch_size,
+        max_queue_delay_us=args.max_queue_delay_us,
+        max_queue_size=4 * callers,
+        preferred_batch_sizes=backend.preferred_batch_sizes,
+        bucket_policy=policy,
+        name=f"bench-{policy}",
+        on_batch=lambda size, queue_us, compute_us: batches.append(size),
+        on_padded_rows=padded.append,
+    )
+    await batcher.start()
+    image = torch.randn(1, 3, args.input_size, args.input_size)
+    try:
+        await closed_loop_round(batcher, image, callers, args.requests)  # warm-up, and the costs' first times
+        padded.clear()
+        batches.clear()
+        rounds = [await closed_loop_round(batcher, image, callers, args.requests) for _ in range(args.rounds)]
+    finally:
+        await batcher.stop()
+    rates = [r["images_per_s"] for r in rounds]
+    row = {
+        "policy": str(policy),
+        "callers": callers,
+        "images_per_s": {f"p{int(q * 100)}": float(np.quantile(rates, q)) for q in (0.5, 0.2, 0.8)},
+        "p50_ms_median": float(np.median([r["p50_ms"] for r in rounds])),
+        "p99_ms_median": float(np.median([r["p99_ms"] for r in rounds])),
+        "batches": len(batches),
+        "mean_batch_rows": float(np.mean(batches)),
+        "padded_share": sum(padded) / (sum(padded) + sum(batches)),
+        "rounds": rounds,
+    }
+    logger.info(
+        "%-4s %2d callers: %6.1f images/s (p20 %.1f, p80 %.1f), p50 %.1f ms, p99 %.1f ms, mean batch %.1f, "
+        "padded %.1f%%",
+        policy, callers, row["images_per_s"]["p50"], row["images_per_s"]["p20"], row["images_per_s"]["p80"],
+        row["p50_ms_median"], row["p99_ms_median"], row["mean_batch_rows"], 100 * row["padded_share"],
+    )  # fmt: skip
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog=command_name(), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--callers", type=int, nargs="+", default=[6, 12])
+    parser.add_argument("--requests", type=int, default=6, help="images each caller sends per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--input-size", type=int, default=64)
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--max-queue-delay-us", type=int, default=2000)
+    parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where the JSON goes")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    network = models.build("resnet18", weights="random", seed=0)
+    inner = EagerBackend(network, input_size=args.input_size, device=device)
+    backend = BucketedBackend(inner, batch_buckets(args.max_batch_size))
+    for bucket in backend.preferred_batch_sizes:  # oneDNN's primitives per shape, as graph capture warms each bucket
+        inner.run(torch.randn(bucket, 3, args.input_size, args.input_size))
+    load_before = os.getloadavg()
+    rows = [asyncio.run(measure(backend, policy, args, callers)) for callers in args.callers for policy in BucketPolicy]
+    now = datetime.datetime.now(datetime.UTC)
+    report = {
+        "question": "images/s, latency and padded rows of the batcher's bucket policies (closed-loop callers)",
+        "date": now.isoformat(timespec="seconds"),
+        "machine": machine(),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "arch": "resnet18",
+        "backend": f"{inner.name}, padded to buckets {list(backend.preferred_batch_sizes)}",
+        "input_size": args.input_size,
+        "max_batch_size": args.max_batch_size,
+        "max_queue_delay_us": args.max_queue_delay_us,
+        "requests_per_caller": args.requests,
+        "results": rows,
+    }
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    path = args.out_dir / f"bucket_policy_{device.type}_{now:%Y%m%dT%H%M%S}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    logger.info("wrote %s", path)
+
+
+if __name__ == "__main__":
+    main()
