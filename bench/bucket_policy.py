@@ -4,9 +4,9 @@ A real model (ResNet-18, random weights, eager on this machine's device) behind 
 every batch padded up to its bucket as the fused backend's CUDA graphs do, so that padding costs what it costs there.
 `--callers` asyncio callers each submit one image, wait for it, and submit again (closed loop), straight to a
 DynamicBatcher: no gRPC, so the policy is what differs. Per policy and caller count: one warm-up round, then
-`--rounds` rounds of `--requests` images per caller; images/s per round (median, p20, p80), each round's p50/p99
-latency (their medians), the mean batch and the share of computed rows that were padding. JSON to
-<--out-dir>/bucket_policy_<device>_<date>.json.
+`--rounds` rounds of `--requests` images per caller, the policies' rounds interleaved (the machine's load drifts);
+images/s per round (median, p20, p80), each round's p50/p99 latency (their medians), the mean batch and the share of
+computed rows that were padding. JSON to <--out-dir>/bucket_policy_<device>_<date>.json.
 
     python -m bench.bucket_policy [--callers 6 12] [--requests 6] [--rounds 5] [--input-size 64]
 """
@@ -77,48 +77,68 @@ async def closed_loop_round(batcher: DynamicBatcher, image: torch.Tensor, caller
     }
 
 
-async def measure(backend: BucketedBackend, policy: BucketPolicy, args: argparse.Namespace, callers: int) -> dict:
-    padded: list[int] = []
-    batches: list[int] = []
-    batcher = DynamicBatcher(
-        backend.run,
-        max_batch_size=args.max_batch_size,
-        max_queue_delay_us=args.max_queue_delay_us,
-        max_queue_size=4 * callers,
-        preferred_batch_sizes=backend.preferred_batch_sizes,
-        bucket_policy=policy,
-        name=f"bench-{policy}",
-        on_batch=lambda size, queue_us, compute_us: batches.append(size),
-        on_padded_rows=padded.append,
-    )
-    await batcher.start()
+class PolicyUnderTest:
+    """One policy's batcher over the shared backend, and what it reported per batch."""
+
+    def __init__(self, backend: BucketedBackend, policy: BucketPolicy, args: argparse.Namespace, callers: int) -> None:
+        self.policy = policy
+        self.padded: list[int] = []
+        self.batches: list[int] = []
+        self.rounds: list[dict] = []
+        self.batcher = DynamicBatcher(
+            backend.run,
+            max_batch_size=args.max_batch_size,
+            max_queue_delay_us=args.max_queue_delay_us,
+            max_queue_size=4 * callers,
+            preferred_batch_sizes=backend.preferred_batch_sizes,
+            bucket_policy=policy,
+            name=f"bench-{policy}",
+            on_batch=lambda size, queue_us, compute_us: self.batches.append(size),
+            on_padded_rows=self.padded.append,
+        )
+
+    def summary(self, callers: int) -> dict:
+        rates = [r["images_per_s"] for r in self.rounds]
+        return {
+            "policy": str(self.policy),
+            "callers": callers,
+            "images_per_s": {f"p{int(q * 100)}": float(np.quantile(rates, q)) for q in (0.5, 0.2, 0.8)},
+            "p50_ms_median": float(np.median([r["p50_ms"] for r in self.rounds])),
+            "p99_ms_median": float(np.median([r["p99_ms"] for r in self.rounds])),
+            "batches": len(self.batches),
+            "mean_batch_rows": float(np.mean(self.batches)),
+            "padded_share": sum(self.padded) / (sum(self.padded) + sum(self.batches)),
+            "rounds": self.rounds,
+        }
+
+
+async def measure(backend: BucketedBackend, args: argparse.Namespace, callers: int) -> list[dict]:
+    """Every policy at `callers`, their rounds interleaved so that a change in the machine's load hits them alike."""
+    under_test = [PolicyUnderTest(backend, policy, args, callers) for policy in BucketPolicy]
     image = torch.randn(1, 3, args.input_size, args.input_size)
+    for candidate in under_test:
+        await candidate.batcher.start()
     try:
-        await closed_loop_round(batcher, image, callers, args.requests)  # warm-up, and the costs' first times
-        padded.clear()
-        batches.clear()
-        rounds = [await closed_loop_round(batcher, image, callers, args.requests) for _ in range(args.rounds)]
+        for candidate in under_test:  # warm-up, and the cost rule's first times
+            await closed_loop_round(candidate.batcher, image, callers, args.requests)
+            candidate.padded.clear()
+            candidate.batches.clear()
+        for _ in range(args.rounds):
+            for candidate in under_test:
+                candidate.rounds.append(await closed_loop_round(candidate.batcher, image, callers, args.requests))
     finally:
-        await batcher.stop()
-    rates = [r["images_per_s"] for r in rounds]
-    row = {
-        "policy": str(policy),
-        "callers": callers,
-        "images_per_s": {f"p{int(q * 100)}": float(np.quantile(rates, q)) for q in (0.5, 0.2, 0.8)},
-        "p50_ms_median": float(np.median([r["p50_ms"] for r in rounds])),
-        "p99_ms_median": float(np.median([r["p99_ms"] for r in rounds])),
-        "batches": len(batches),
-        "mean_batch_rows": float(np.mean(batches)),
-        "padded_share": sum(padded) / (sum(padded) + sum(batches)),
-        "rounds": rounds,
-    }
-    logger.info(
-        "%-4s %2d callers: %6.1f images/s (p20 %.1f, p80 %.1f), p50 %.1f ms, p99 %.1f ms, mean batch %.1f, "
-        "padded %.1f%%",
-        policy, callers, row["images_per_s"]["p50"], row["images_per_s"]["p20"], row["images_per_s"]["p80"],
-        row["p50_ms_median"], row["p99_ms_median"], row["mean_batch_rows"], 100 * row["padded_share"],
-    )  # fmt: skip
-    return row
+        for candidate in under_test:
+            await candidate.batcher.stop()
+    rows = [candidate.summary(callers) for candidate in under_test]
+    for row in rows:
+        logger.info(
+            "%-4s %2d callers: %6.1f images/s (p20 %.1f, p80 %.1f), p50 %.1f ms, p99 %.1f ms, mean batch %.1f, "
+            "padded %.1f%%",
+            row["policy"], callers, row["images_per_s"]["p50"], row["images_per_s"]["p20"],
+            row["images_per_s"]["p80"], row["p50_ms_median"], row["p99_ms_median"], row["mean_batch_rows"],
+            100 * row["padded_share"],
+        )  # fmt: skip
+    return rows
 
 
 def main() -> None:
@@ -141,7 +161,7 @@ def main() -> None:
     for bucket in backend.preferred_batch_sizes:  # oneDNN's primitives per shape, as graph capture warms each bucket
         inner.run(torch.randn(bucket, 3, args.input_size, args.input_size))
     load_before = os.getloadavg()
-    rows = [asyncio.run(measure(backend, policy, args, callers)) for callers in args.callers for policy in BucketPolicy]
+    rows = [row for callers in args.callers for row in asyncio.run(measure(backend, args, callers))]
     now = datetime.datetime.now(datetime.UTC)
     report = {
         "question": "images/s, latency and padded rows of the batcher's bucket policies (closed-loop callers)",

@@ -77,6 +77,11 @@ class DynamicBatcher:
     ``preferred_batch_sizes``: the backend's (service/backends/base.py), ascending, each at most max_batch_size; a
     batch of n rows is taken to compute ``bucket_for(n)`` rows. ``bucket_policy`` decides where a batch closes among
     them. ``on_padded_rows(rows)`` is called on the event loop after each batch with the rows computed for nothing.
+
+    ``launch_batch`` (a backend's ``launch``, service/backends/base.py), when given, is called instead of
+    ``run_batch``: it queues the batch and returns at once with the function that waits for its logits, which runs
+    on a thread of its own; the dispatcher meanwhile gathers and launches the next batch. The backend bounds how
+    many are in flight by blocking in ``launch``.
     """
 
     def __init__(
@@ -92,6 +97,7 @@ class DynamicBatcher:
         preferred_batch_sizes: Sequence[int] = (),
         bucket_policy: BucketPolicy = BucketPolicy.COST,
         on_padded_rows: Callable[[int], None] | None = None,
+        launch_batch: Callable[[torch.Tensor], Callable[[], torch.Tensor]] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_us < 0:
             raise ValueError(
@@ -115,6 +121,14 @@ class DynamicBatcher:
         self._executor = executor or concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"batcher-{name}" if name else "batcher"
         )
+        self._launch_batch = launch_batch
+        # Reads launched batches' results, so that the executor thread is free to launch the next batch meanwhile.
+        self._completions = (
+            None
+            if launch_batch is None
+            else concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"results-{name}")
+        )
+        self._in_flight: set[asyncio.Task[None]] = set()
         self._queue: collections.deque[_Request] = collections.deque()
         self._arrived = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
@@ -138,6 +152,8 @@ class DynamicBatcher:
             await self._dispatcher
         if self._owns_executor:
             self._executor.shutdown(wait=True)
+        if self._completions is not None:
+            self._completions.shutdown(wait=True)
 
     async def submit(self, inputs: torch.Tensor, deadline: float | None = None) -> BatchResult:
         """Queue ``inputs`` [n, 3, H, W] (1 <= n <= max_batch_size) and wait for its logits [n, classes].
@@ -189,8 +205,9 @@ class DynamicBatcher:
         while True:
             batch = await self._gather_batch()
             if batch is None:
-                return
+                break
             await self._run(batch)
+        await asyncio.gather(*self._in_flight)  # launched batches still computing
 
     async def _gather_batch(self) -> list[_Request] | None:
         """Wait for the first request, then for compatible ones until full or its delay window closes; then close.
@@ -278,20 +295,44 @@ class DynamicBatcher:
         return live
 
     async def _run(self, batch: list[_Request]) -> None:
+        """Computes the batch; with ``launch_batch``, only queues it and leaves its results to a task of their own, so
+        that the next batch is gathered and launched while this one computes."""
         if not batch:
             return
         started_ns = time.monotonic_ns()
         loop = asyncio.get_running_loop()
+        inputs = [request.inputs for request in batch]
         try:
-            logits, compute_ns = await loop.run_in_executor(
-                self._executor, self._compute, [request.inputs for request in batch]
-            )
+            if self._launch_batch is None:
+                logits, compute_ns = await loop.run_in_executor(self._executor, self._compute, inputs)
+            else:
+                wait = await loop.run_in_executor(self._executor, self._launch, inputs)
+                completion = asyncio.create_task(self._complete(batch, started_ns, wait))
+                self._in_flight.add(completion)
+                completion.add_done_callback(self._in_flight.discard)
+                return
         except Exception as error:
-            logger.exception("batch of %d request(s) failed in model %r", len(batch), self.name)
-            for request in batch:
-                if not request.future.done():
-                    request.future.set_exception(error)
+            self._fail(batch, error)
             return
+        self._deliver(batch, started_ns, logits, compute_ns)
+
+    async def _complete(self, batch: list[_Request], started_ns: int, wait: Callable[[], torch.Tensor]) -> None:
+        assert self._completions is not None
+        try:
+            logits = await asyncio.get_running_loop().run_in_executor(self._completions, wait)
+        except Exception as error:
+            self._fail(batch, error)
+            return
+        # From launch to logits: with batches in flight this includes waiting behind the one before.
+        self._deliver(batch, started_ns, logits, time.monotonic_ns() - started_ns)
+
+    def _fail(self, batch: list[_Request], error: Exception) -> None:
+        logger.error("batch of %d request(s) failed in model %r", len(batch), self.name, exc_info=error)
+        for request in batch:
+            if not request.future.done():
+                request.future.set_exception(error)
+
+    def _deliver(self, batch: list[_Request], started_ns: int, logits: torch.Tensor, compute_ns: int) -> None:
         batch_rows = logits.shape[0]
         compute_us = compute_ns // 1000
         self._costs.observe(batch_rows, compute_ns / 1e9)
@@ -311,9 +352,18 @@ class DynamicBatcher:
             except Exception:
                 logger.exception("on_padded_rows observer failed for model %r", self.name)
 
+    @staticmethod
+    def _concatenate(inputs: list[torch.Tensor]) -> torch.Tensor:
+        return inputs[0] if len(inputs) == 1 else torch.cat(inputs)
+
     def _compute(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
         """Executor thread: one concatenation for the whole batch, then the backend."""
-        batch = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
+        batch = self._concatenate(inputs)
         started_ns = time.monotonic_ns()
         logits = self._run_batch(batch)
         return logits, time.monotonic_ns() - started_ns
+
+    def _launch(self, inputs: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
+        """Executor thread: one concatenation, then the backend queues the batch (blocking while its slots are full)."""
+        assert self._launch_batch is not None
+        return self._launch_batch(self._concatenate(inputs))

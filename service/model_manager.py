@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from models.pretrained import WeightsUnavailableError
-from service.backends import BackendUnavailableError, resolve_backend_kind
+from service.backends import BackendUnavailableError, LaunchesBatches, resolve_backend_kind
 from service.batcher import DynamicBatcher
 from service.lifecycle import Draining, Failed, Loaded, Loading, ModelState, Ready, ServedModel
 from service.metrics import ServiceMetrics
@@ -160,6 +160,7 @@ class ModelManager:
             name=model.name,
             on_batch=self._metrics.batch_observer(model.name),
             on_padded_rows=self._metrics.padded_rows.labels(model.name).inc,
+            launch_batch=parts.backend.launch if isinstance(parts.backend, LaunchesBatches) else None,
         )
         await batcher.start()
         self._metrics.track_queue_depth(model.name, lambda: batcher.queue_depth)

@@ -401,3 +401,91 @@ def test_request_left_for_the_next_bucket_keeps_its_deadline_and_is_never_comput
 
 def test_bucket_policy_defaults_to_cost():
     assert make_batcher(RecordingModel()).bucket_policy is BucketPolicy.COST
+
+
+class LaunchingModel:
+    """launch_batch whose results wait for the test: records launches and reads, in order, per batch index."""
+
+    def __init__(self, fail_batch: int | None = None) -> None:
+        self.events: list[tuple[str, int]] = []
+        self.finish = [threading.Event() for _ in range(16)]
+        self._fail_batch = fail_batch
+
+    def __call__(self, batch: torch.Tensor):
+        index = sum(1 for kind, _ in self.events if kind == "launch")
+        self.events.append(("launch", index))
+
+        def wait() -> torch.Tensor:
+            assert self.finish[index].wait(10), "test never finished the batch"
+            self.events.append(("read", index))
+            if index == self._fail_batch:
+                raise RuntimeError(f"batch {index} failed on the device")
+            return row_logits(batch)
+
+        return wait
+
+    async def wait_for(self, event: tuple[str, int]) -> None:
+        for _ in range(1000):
+            if event in self.events:
+                return
+            await asyncio.sleep(0.005)
+        raise AssertionError(f"never saw {event}; saw {self.events}")
+
+
+def launching_batcher(model: LaunchingModel) -> DynamicBatcher:
+    def unused(batch: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("with launch_batch the batcher never calls run_batch")
+
+    return make_batcher(unused, max_batch_size=1, max_queue_delay_us=0, launch_batch=model)
+
+
+def test_with_launch_batch_the_next_batch_launches_while_the_last_computes():
+    async def main():
+        model = LaunchingModel()
+        batcher = await started(launching_batcher(model))
+        requests = [torch.randn(1, *ITEM) for _ in range(3)]
+        calls = [asyncio.create_task(batcher.submit(x)) for x in requests]
+        await model.wait_for(("launch", 2))  # all three launched, none of their results read yet
+        assert model.events == [("launch", 0), ("launch", 1), ("launch", 2)]
+        for finish in model.finish[:3]:
+            finish.set()
+        results = await asyncio.gather(*calls)
+        await batcher.stop()
+        for x, result in zip(requests, results, strict=True):
+            torch.testing.assert_close(result.logits, row_logits(x), rtol=0, atol=0)
+
+    asyncio.run(main())
+
+
+def test_a_launched_batch_that_fails_fails_only_its_callers():
+    async def main():
+        model = LaunchingModel(fail_batch=0)
+        batcher = await started(launching_batcher(model))
+        doomed = asyncio.create_task(batcher.submit(torch.randn(1, *ITEM)))
+        await model.wait_for(("launch", 0))
+        fine = torch.randn(1, *ITEM)
+        other = asyncio.create_task(batcher.submit(fine))
+        model.finish[0].set()
+        model.finish[1].set()
+        with pytest.raises(RuntimeError, match="batch 0 failed"):
+            await doomed
+        torch.testing.assert_close((await other).logits, row_logits(fine), rtol=0, atol=0)
+        await batcher.stop()
+
+    asyncio.run(main())
+
+
+def test_stop_waits_for_launched_batches_to_deliver():
+    async def main():
+        model = LaunchingModel()
+        batcher = await started(launching_batcher(model))
+        call = asyncio.create_task(batcher.submit(torch.randn(1, *ITEM)))
+        await model.wait_for(("launch", 0))
+        stopping = asyncio.create_task(batcher.stop())
+        await asyncio.sleep(0.05)
+        assert not stopping.done()  # its batch is still computing
+        model.finish[0].set()
+        await stopping
+        assert call.done() and (await call).batch_size == 1
+
+    asyncio.run(main())
