@@ -1,7 +1,8 @@
 """The batcher's bucket policies (service/batch_plan.py) side by side: images/s, latency and padded rows.
 
-A real model (ResNet-18, random weights, eager on this machine's device) behind `BucketedBackend`, which computes
-every batch padded up to its bucket as the fused backend's CUDA graphs do, so that padding costs what it costs there.
+A real model (ResNet-18, random weights): with `--backend eager` (default) behind `BucketedBackend`, which computes
+every batch padded up to its bucket as the fused backend's CUDA graphs do, so that padding costs what it costs there;
+with `--backend fused` (a GPU) the fused backend itself, its CUDA graphs and its batches in flight.
 `--callers` asyncio callers each submit one image, wait for it, and submit again (closed loop), straight to a
 DynamicBatcher: no gRPC, so the policy is what differs. Per policy and caller count: one warm-up round, then
 `--rounds` rounds of `--requests` images per caller, the policies' rounds interleaved (the machine's load drifts);
@@ -28,7 +29,7 @@ import torch
 
 import models
 from bench.common import RESULTS, command_name, machine
-from service.backends.base import Backend
+from service.backends import Backend, LaunchesBatches, create_backend
 from service.backends.eager import EagerBackend
 from service.backends.fused import batch_buckets
 from service.batch_plan import BucketPolicy, bucket_for
@@ -80,7 +81,7 @@ async def closed_loop_round(batcher: DynamicBatcher, image: torch.Tensor, caller
 class PolicyUnderTest:
     """One policy's batcher over the shared backend, and what it reported per batch."""
 
-    def __init__(self, backend: BucketedBackend, policy: BucketPolicy, args: argparse.Namespace, callers: int) -> None:
+    def __init__(self, backend: Backend, policy: BucketPolicy, args: argparse.Namespace, callers: int) -> None:
         self.policy = policy
         self.padded: list[int] = []
         self.batches: list[int] = []
@@ -95,6 +96,7 @@ class PolicyUnderTest:
             name=f"bench-{policy}",
             on_batch=lambda size, queue_us, compute_us: self.batches.append(size),
             on_padded_rows=self.padded.append,
+            launch_batch=backend.launch if isinstance(backend, LaunchesBatches) else None,
         )
 
     def summary(self, callers: int) -> dict:
@@ -112,7 +114,7 @@ class PolicyUnderTest:
         }
 
 
-async def measure(backend: BucketedBackend, args: argparse.Namespace, callers: int) -> list[dict]:
+async def measure(backend: Backend, args: argparse.Namespace, callers: int) -> list[dict]:
     """Every policy at `callers`, their rounds interleaved so that a change in the machine's load hits them alike."""
     under_test = [PolicyUnderTest(backend, policy, args, callers) for policy in BucketPolicy]
     image = torch.randn(1, 3, args.input_size, args.input_size)
@@ -151,15 +153,25 @@ def main() -> None:
     parser.add_argument("--input-size", type=int, default=64)
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--max-queue-delay-us", type=int, default=2000)
+    parser.add_argument("--backend", choices=("eager", "fused"), default="eager")
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where the JSON goes")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     network = models.build("resnet18", weights="random", seed=0)
-    inner = EagerBackend(network, input_size=args.input_size, device=device)
-    backend = BucketedBackend(inner, batch_buckets(args.max_batch_size))
-    for bucket in backend.preferred_batch_sizes:  # oneDNN's primitives per shape, as graph capture warms each bucket
-        inner.run(torch.randn(bucket, 3, args.input_size, args.input_size))
+    buckets = batch_buckets(args.max_batch_size)
+    backend: Backend
+    if args.backend == "fused":
+        if device.type != "cuda":
+            parser.error("--backend fused needs a GPU here (CUDA graphs are what it measures)")
+        backend = create_backend(
+            "fused", network, input_size=args.input_size, max_batch_size=args.max_batch_size, device=device
+        )
+    else:
+        inner = EagerBackend(network, input_size=args.input_size, device=device)
+        for bucket in buckets:  # oneDNN's primitives per shape, as graph capture warms each bucket
+            inner.run(torch.randn(bucket, 3, args.input_size, args.input_size))
+        backend = BucketedBackend(inner, buckets)
     load_before = os.getloadavg()
     rows = [row for callers in args.callers for row in asyncio.run(measure(backend, args, callers))]
     now = datetime.datetime.now(datetime.UTC)
@@ -170,7 +182,8 @@ def main() -> None:
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
         "arch": "resnet18",
-        "backend": f"{inner.name}, padded to buckets {list(backend.preferred_batch_sizes)}",
+        "backend": args.backend,
+        "buckets": list(backend.preferred_batch_sizes),
         "input_size": args.input_size,
         "max_batch_size": args.max_batch_size,
         "max_queue_delay_us": args.max_queue_delay_us,
