@@ -5,11 +5,13 @@ fused backend's CUDA graphs do on a GPU. On a CPU no real backend pads, so the m
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 from pathlib import Path
 
 import grpc
 import numpy as np
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 import models
 from bench.bucket_policy import BucketedBackend
@@ -43,7 +45,7 @@ def infer(stub: grpc_service_pb2_grpc.GRPCInferenceServiceStub, rows: np.ndarray
 
 
 def test_padded_rows_counter_moves_by_the_rows_a_batch_was_padded(tmp_path: Path):
-    settings = ServerSettings(host="127.0.0.1", port=free_port(), metrics_port=0, model_repository=tmp_path)
+    settings = ServerSettings(host="127.0.0.1", port=free_port(), metrics_port=free_port(), model_repository=tmp_path)
 
     async def main() -> None:
         server = InferenceServer(settings, [CONFIG], load_parts=load_bucketed)
@@ -55,18 +57,23 @@ def test_padded_rows_counter_moves_by_the_rows_a_batch_was_padded(tmp_path: Path
                 await asyncio.sleep(0.05)
             assert server.is_ready()
 
-            def padded() -> float:
-                value = server.metrics.registry.get_sample_value("resnet_padded_rows_total", {"model": CONFIG.name})
-                return value or 0.0
+            def padded() -> float:  # as a Prometheus scrape reads it
+                url = f"http://127.0.0.1:{settings.metrics_port}/metrics"
+                with urllib.request.urlopen(url, timeout=10) as response:
+                    text = response.read().decode()
+                samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+                wanted = {"model": CONFIG.name}
+                (value,) = [s.value for s in samples if s.name == "resnet_padded_rows_total" and s.labels == wanted]
+                return value
 
             rng = np.random.default_rng(0)
             rows = rng.standard_normal((4, 3, digits.INPUT_SIZE, digits.INPUT_SIZE), dtype=np.float32)
             with grpc.insecure_channel(f"127.0.0.1:{settings.port}") as channel:
                 stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
                 answers = {n: await asyncio.to_thread(infer, stub, rows[:n]) for n in (2, 3, 4)}
-                after_exact = padded()
+                after_exact = await asyncio.to_thread(padded)
                 await asyncio.to_thread(infer, stub, rows[:3])  # 3 rows computed as bucket 4
-                after_three = padded()
+                after_three = await asyncio.to_thread(padded)
             assert after_exact == 1.0  # of 2, 3 and 4 rows only the 3 was padded, by one row
             assert after_three == 2.0
             with torch.inference_mode():
