@@ -79,9 +79,9 @@ class DynamicBatcher:
     them. ``on_padded_rows(rows)`` is called on the event loop after each batch with the rows computed for nothing.
 
     ``launch_batch`` (a backend's ``launch``, service/backends/base.py), when given, is called instead of
-    ``run_batch``: it queues the batch and returns at once with the function that waits for its logits, which runs
-    on a thread of its own; the dispatcher meanwhile gathers and launches the next batch. The backend bounds how
-    many are in flight by blocking in ``launch``.
+    ``run_batch`` with the requests' inputs, unconcatenated: it queues the batch and returns at once with the
+    function that waits for its logits, which runs on a thread of its own; the dispatcher meanwhile gathers and
+    launches the next batch. The backend bounds how many are in flight by blocking in ``launch``.
     """
 
     def __init__(
@@ -97,7 +97,7 @@ class DynamicBatcher:
         preferred_batch_sizes: Sequence[int] = (),
         bucket_policy: BucketPolicy = BucketPolicy.COST,
         on_padded_rows: Callable[[int], None] | None = None,
-        launch_batch: Callable[[torch.Tensor], Callable[[], torch.Tensor]] | None = None,
+        launch_batch: Callable[[Sequence[torch.Tensor]], Callable[[], torch.Tensor]] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_us < 0:
             raise ValueError(
@@ -352,18 +352,14 @@ class DynamicBatcher:
             except Exception:
                 logger.exception("on_padded_rows observer failed for model %r", self.name)
 
-    @staticmethod
-    def _concatenate(inputs: list[torch.Tensor]) -> torch.Tensor:
-        return inputs[0] if len(inputs) == 1 else torch.cat(inputs)
-
     def _compute(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
         """Executor thread: one concatenation for the whole batch, then the backend."""
-        batch = self._concatenate(inputs)
+        batch = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
         started_ns = time.monotonic_ns()
         logits = self._run_batch(batch)
         return logits, time.monotonic_ns() - started_ns
 
     def _launch(self, inputs: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
-        """Executor thread: one concatenation, then the backend queues the batch (blocking while its slots are full)."""
+        """Executor thread: the backend stages the inputs and queues the batch (blocking while its slots are full)."""
         assert self._launch_batch is not None
-        return self._launch_batch(self._concatenate(inputs))
+        return self._launch_batch(inputs)

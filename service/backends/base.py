@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -41,12 +41,14 @@ class Backend(Protocol):
 class LaunchesBatches(Protocol):
     """A backend that keeps several batches in flight (the fused backend on a GPU: service/backends/inflight.py).
 
-    ``launch`` takes what ``run`` takes and queues the batch, returning at once (blocking only while all its staging
-    slots are in flight) with the function that waits for and returns that batch's logits, once. ``launch`` is
-    called from one thread at a time; the functions it returns may be called from another.
+    ``launch`` takes the batch as its requests' parts (each what ``run`` takes, their rows together at most
+    max_batch_size), so that it copies each straight into its staging memory with no concatenation first, and queues
+    the batch, returning at once (blocking only while all its staging slots are in flight) with the function that
+    waits for and returns the whole batch's logits, once. ``launch`` is called from one thread at a time; the
+    functions it returns may be called from another.
     """
 
-    def launch(self, batch: torch.Tensor) -> Callable[[], torch.Tensor]: ...
+    def launch(self, parts: Sequence[torch.Tensor]) -> Callable[[], torch.Tensor]: ...
 
 
 def resolve_backend_kind(kind: str) -> str:

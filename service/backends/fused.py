@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -67,15 +67,16 @@ class FusedBackend:
 
     def run(self, batch: torch.Tensor) -> torch.Tensor:
         """float32 [n, 3, H, W] (CPU) -> float32 logits [n, classes] (CPU)."""
-        return self.launch(batch)()
+        return self.launch([batch])()
 
-    def launch(self, batch: torch.Tensor) -> Callable[[], torch.Tensor]:
-        """Queues `batch` (as `run` takes it) and returns the function that waits for its logits
-        (service/backends/base.py, LaunchesBatches). On CUDA up to STAGING_SLOTS batches are in flight; under the
-        interpreter the batch is computed here, at once."""
+    def launch(self, parts: Sequence[torch.Tensor]) -> Callable[[], torch.Tensor]:
+        """Queues the batch made of `parts` (each as `run` takes it) and returns the function that waits for its
+        logits (service/backends/base.py, LaunchesBatches). On CUDA up to STAGING_SLOTS batches are in flight; under
+        the interpreter the batch is computed here, at once."""
         with torch.inference_mode():
             if self._graphs is not None:
-                return self._graphs.launch(batch)
+                return self._graphs.launch(parts)
+            batch = parts[0] if len(parts) == 1 else torch.cat(list(parts))
             logits = self._module(batch.to(self.device, torch.float32).contiguous()).float().cpu()
         return lambda: logits
 
@@ -135,15 +136,19 @@ class _GraphedBuckets:
         )
         logger.info("captured CUDA graphs for batch buckets %s; %d batches in flight", self.buckets, slots)
 
-    def launch(self, batch: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def launch(self, parts: Sequence[torch.Tensor]) -> Callable[[], torch.Tensor]:
         """Called in inference mode; the returned function may be called from any thread."""
-        n = batch.shape[0]
+        n = sum(part.shape[0] for part in parts)
         bucket = next(b for b in self.buckets if b >= n)
 
         def upload(slot: int) -> None:
-            staged = self._pinned_inputs[slot][:n]
-            staged.copy_(batch)  # pageable -> pinned, on this thread, while the GPU computes the batch before
-            self._device_inputs[slot][:n].copy_(staged, non_blocking=True)
+            # Pageable -> pinned on this thread, each request's rows straight into place (no concatenation first),
+            # while the GPU computes the batch before; then one host-to-device copy on the copy stream.
+            staged, row = self._pinned_inputs[slot], 0
+            for part in parts:
+                staged[row : row + part.shape[0]].copy_(part)
+                row += part.shape[0]
+            self._device_inputs[slot][:n].copy_(staged[:n], non_blocking=True)
 
         def compute(slot: int) -> None:
             self._inputs[bucket][:n].copy_(self._device_inputs[slot][:n])

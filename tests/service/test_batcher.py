@@ -411,7 +411,8 @@ class LaunchingModel:
         self.finish = [threading.Event() for _ in range(16)]
         self._fail_batch = fail_batch
 
-    def __call__(self, batch: torch.Tensor):
+    def __call__(self, parts: list[torch.Tensor]):
+        batch = torch.cat(parts)
         index = sum(1 for kind, _ in self.events if kind == "launch")
         self.events.append(("launch", index))
 

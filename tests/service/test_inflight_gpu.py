@@ -60,8 +60,9 @@ def test_fused_batches_in_flight_answer_as_one_at_a_time():
     sizes = (3, 8, 1, 6)
     one_at_a_time = [fused.run(x[:n]) for n in sizes]
     # Two slots: the first two batches are in flight together, read after both were launched.
-    first_two = [fused.launch(x[:n]) for n in sizes[:2]]
-    in_flight = [wait() for wait in first_two] + [fused.launch(x[:n])() for n in sizes[2:]]
+    # A batch launched as its requests' parts, staged with no concatenation: here each batch as two requests.
+    first_two = [fused.launch([x[:1], x[1:n]]) for n in sizes[:2]]
+    in_flight = [wait() for wait in first_two] + [fused.launch([x[:n]])() for n in sizes[2:]]
     for n, alone, overlapped in zip(sizes, one_at_a_time, in_flight, strict=True):
         assert overlapped.shape == (n, 1000) and overlapped.device.type == "cpu"
         # The same graphs on the same rows: bit for bit (the kernels are deterministic, split-K included).
