@@ -59,25 +59,39 @@ class ComputeCosts:
     not seen yet is read off a line ``fixed + per_row * rows`` through the buckets seen (least squares; the slope and
     intercept clipped at zero), or scaled in proportion to rows from the one bucket seen. ``estimate`` is None until
     a batch has been seen.
+
+    A bucket's time goes stale once ``refresh_after`` batches of other sizes ran since it was last timed: ``timed``
+    is then False, so the cost rule tries it again, and the new time replaces the old. Without that, one slow batch
+    of a padded bucket (a busy moment) would make the rule fill for good, and filling never times that bucket again
+    (measured: 12 callers on this CPU, bench/results/bucket_policy_cpu_20261202T043801.json). The price: at most one
+    batch in ``refresh_after`` padded where filling was right.
     """
 
-    def __init__(self, buckets: Sequence[int], smoothing: float = 0.2) -> None:
+    def __init__(self, buckets: Sequence[int], smoothing: float = 0.2, refresh_after: int = 50) -> None:
         self._buckets = tuple(buckets)
         self._smoothing = smoothing
+        self._refresh_after = refresh_after
         self._seconds: dict[int, float] = {}
         self._seen: collections.Counter[int] = collections.Counter()
+        self._batches = 0
+        self._last_timed: dict[int, int] = {}  # bucket -> self._batches when it last ran
 
     def observe(self, rows: int, seconds: float) -> None:
         bucket = bucket_for(rows, self._buckets)
+        stale = self._batches - self._last_timed.get(bucket, 0) >= self._refresh_after
+        self._batches += 1
+        self._last_timed[bucket] = self._batches
         self._seen[bucket] += 1
         previous = self._seconds.get(bucket)
-        if previous is not None and self._seen[bucket] > 2:
+        if previous is not None and self._seen[bucket] > 2 and not stale:
             seconds = previous + self._smoothing * (seconds - previous)
-        self._seconds[bucket] = seconds
+        self._seconds[bucket] = seconds  # a first, second or stale time is replaced, not averaged
 
     def timed(self, rows: int) -> bool:
-        """Whether the bucket of `rows` has been timed past its first batch."""
-        return self._seen[bucket_for(rows, self._buckets)] >= 2
+        """Whether the bucket of `rows` has been timed past its first batch, recently enough to trust."""
+        bucket = bucket_for(rows, self._buckets)
+        fresh = self._batches - self._last_timed.get(bucket, 0) < self._refresh_after
+        return self._seen[bucket] >= 2 and fresh
 
     def estimate(self, rows: int) -> float | None:
         bucket = bucket_for(rows, self._buckets)
@@ -110,8 +124,8 @@ def pad_beats_waiting(sizes: Sequence[int], take: int, costs: ComputeCosts, rema
     follows rows and the buckets double, filling does unless the remainder would wait out a window of its own. A tie
     fills: no row is computed for nothing.
 
-    A padded bucket not timed yet is tried (padding wins): filling never runs it, so a guess that it is dear would
-    never be corrected.
+    A padded bucket not timed yet, or not for a while (``ComputeCosts.timed``), is tried (padding wins): filling never
+    runs it, so a guess that it is dear would never be corrected.
     """
     total, rows_taken = sum(sizes), sum(sizes[:take])
     remainder = total - rows_taken

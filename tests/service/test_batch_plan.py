@@ -101,3 +101,19 @@ def test_compute_costs_smooth_what_they_see_and_estimate_the_rest_from_a_line():
 def test_a_falling_line_is_clipped_to_a_flat_one():
     costs = costs_of({4: 3.0, 16: 1.0})  # noise: the larger bucket measured faster
     assert costs.estimate(8) == pytest.approx(2.0)  # slope 0, the mean
+
+
+def test_a_padded_bucket_timed_long_ago_is_tried_again():
+    costs = ComputeCosts(BUCKETS, refresh_after=4)
+    for rows, seconds in ((16, 1.2e-3), (16, 1.2e-3), (1, 1e-3), (1, 1e-3), (32, 10e-3), (32, 10e-3)):
+        costs.observe(rows, seconds)  # 32 timed in a busy moment: 10 ms > 1.2 + 1.0 ms, so fill
+    assert requests_to_take(BucketPolicy.COST, [1] * 17, BUCKETS, costs, lambda index: 0.0) == 16
+    for _ in range(3):  # filling runs 16 and 1 only; 4 batches after 32 last ran, its time is stale
+        costs.observe(16, 1.2e-3)
+    assert requests_to_take(BucketPolicy.COST, [1] * 17, BUCKETS, costs, lambda index: 0.0) == 16
+    costs.observe(1, 1e-3)
+    assert not costs.timed(32)
+    assert requests_to_take(BucketPolicy.COST, [1] * 17, BUCKETS, costs, lambda index: 0.0) == 17  # tried again
+    costs.observe(32, 1.4e-3)  # the new time replaces the stale one: cheap after all, so padding from now on
+    assert costs.timed(32) and costs.estimate(32) == 1.4e-3
+    assert requests_to_take(BucketPolicy.COST, [1] * 17, BUCKETS, costs, lambda index: 0.0) == 17
