@@ -118,8 +118,8 @@ def pad_beats_waiting(sizes: Sequence[int], take: int, costs: ComputeCosts, rema
     - fill: the `take` requests' p rows, then the r remaining ones once that batch is done and their own window
       (``remainder_wait_s`` from now) has closed: ``max(C(bucket(p)), remainder_wait_s) + C(bucket(r))``.
     Why not the mean latency of the rows at hand, which favours the p rows done early: under load their callers (or
-    as many newcomers) are back while the remainder runs and wait for it. Measured so (bench/results/
-    bucket_policy_cpu_*.json, closed loop, 12 callers), a mean-latency rule filled where padding served 40% more
+    as many newcomers) are back while the remainder runs and wait for it. Measured so (closed loop, 12 callers,
+    bench/results/bucket_policy_cpu_20261202T042032.json), a mean-latency rule filled where padding served 40% more
     images/s. Where per-batch overhead dominates (a GPU's small graphs: C(1) ~ C(8)), padding wins; where cost
     follows rows and the buckets double, filling does unless the remainder would wait out a window of its own. A tie
     fills: no row is computed for nothing.
