@@ -59,9 +59,10 @@ def _one_of(choices: Sequence[str]):
 
 # (flag, type, default, help); the settings field and the environment variable follow from the flag's name.
 _FLAGS = (
-    ("--host", str, _DEFAULTS.host, "address to bind (gRPC and metrics)"),
+    ("--host", str, _DEFAULTS.host, "address to bind (gRPC, HTTP and metrics)"),
     ("--port", _port, _DEFAULTS.port, "gRPC port (0: any free port)"),
     ("--metrics-port", _port, _DEFAULTS.metrics_port, "Prometheus /metrics HTTP port; 0 disables it"),
+    ("--http-port", _port, _DEFAULTS.http_port, "KServe v2 HTTP/REST port; 0 disables it"),
     (
         "--backend",
         _one_of(BACKEND_CHOICES),
@@ -111,6 +112,7 @@ def parse_settings(
         host=args.host,
         port=args.port,
         metrics_port=args.metrics_port,
+        http_port=args.http_port,
         backend=args.backend,
         model_repository=args.model_repository,
         grace_period_s=args.grace_period,

@@ -1,4 +1,5 @@
-"""The gRPC server: Classifier, KServe v2 inference, health and reflection on one port, plus /metrics over HTTP.
+"""The gRPC server: Classifier, KServe v2 inference, health, reflection (v1, v1alpha) on one port; KServe v2 over
+HTTP/REST on another (service/http), and /metrics on a third, all on one event loop.
 
 Lifecycle: `start()` binds and answers at once while models load in the background (health NOT_SERVING until every
 model has settled and one is ready); `stop(grace)` turns health NOT_SERVING, refuses new RPCs, lets in-flight ones
@@ -8,21 +9,24 @@ finish within `grace` seconds, then drains the batchers. `serve()` runs that bet
 import asyncio
 import logging
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 import models.kernel_cache
 from service._proto import classifier_pb2, classifier_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
 from service.backends.base import AUTO_BACKEND
+from service.http.app import kserve_http_app
+from service.http.site import start_site
 from service.metrics import ServiceMetrics
 from service.model_loader import load_model_parts
 from service.model_manager import LoadParts, ModelManager
+from service.reflection import enable_server_reflection
 from service.repository import DEFAULT_REPOSITORY, ModelConfig, load_repository
 from service.rpc import CallScope
 from service.servicers.classifier import ClassifierServicer
@@ -47,6 +51,7 @@ class ServerSettings:
     host: str = "0.0.0.0"
     port: int = 50051
     metrics_port: int = 9100  # 0: no metrics endpoint
+    http_port: int = 8000  # KServe v2 over HTTP/REST; 0: none
     backend: str = AUTO_BACKEND
     model_repository: Path = DEFAULT_REPOSITORY
     grace_period_s: float = 10.0
@@ -76,7 +81,7 @@ class InferenceServer:
         self._draining = False
         self._server: grpc.aio.Server | None = None
         self._decode_executor: ThreadPoolExecutor | None = None
-        self._close_metrics: Callable[[], None] | None = None
+        self._http_runners: list[web.AppRunner] = []  # the KServe HTTP port and /metrics
 
     def is_ready(self) -> bool:
         return not self._draining and self.models.settled and self.models.any_ready
@@ -106,21 +111,26 @@ class InferenceServer:
             ),
             server,
         )
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(
-                self.models, scope, self.metrics, tensor_executor=self._decode_executor, is_ready=self.is_ready
-            ),
-            server,
+        inference = InferenceServicer(
+            self.models, scope, self.metrics, tensor_executor=self._decode_executor, is_ready=self.is_ready
         )
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (CLASSIFIER_SERVICE, INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        enable_server_reflection((CLASSIFIER_SERVICE, INFERENCE_SERVICE, health.SERVICE_NAME), server)
         try:
             port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+            if settings.http_port:
+                app = kserve_http_app(
+                    inference, self.models, self._decode_executor, max_body_bytes=settings.max_message_bytes
+                )
+                self._http_runners.append(
+                    await start_site(app, settings.host, settings.http_port, grace_s=settings.grace_period_s)
+                )
+                logger.info("KServe v2 HTTP/REST on %s:%d", settings.host, settings.http_port)
             if settings.metrics_port:
-                self._close_metrics = self.metrics.serve_http(settings.host, settings.metrics_port)
-        except (RuntimeError, OSError) as error:  # grpc reports a taken port as RuntimeError, http.server as OSError
+                self._http_runners.append(await self.metrics.serve_http(settings.host, settings.metrics_port))
+        except (RuntimeError, OSError) as error:  # grpc reports a taken port as RuntimeError, aiohttp as OSError
+            await self._stop_http()
             raise ServerStartError(f"cannot bind: {error}") from error
         await server.start()
         self._server = server
@@ -129,18 +139,22 @@ class InferenceServer:
         return port
 
     async def stop(self, grace_s: float) -> None:
-        """Health NOT_SERVING, no new RPCs, in-flight ones finish within `grace_s` (then are cancelled)."""
+        """Health NOT_SERVING, no new RPCs or HTTP requests, in-flight ones finish within `grace_s` (then are
+        cancelled)."""
         self._draining = True
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
-            await self._server.stop(grace_s)
+            # The HTTP ports drain alongside (their grace is the settings' grace period); /metrics goes with them.
+            await asyncio.gather(self._server.stop(grace_s), self._stop_http())
         # Only now: requests still in flight during the grace period need their batchers.
         await self.models.stop()
         if self._decode_executor is not None:
             self._decode_executor.shutdown(wait=False, cancel_futures=True)
-        if self._close_metrics is not None:
-            self._close_metrics()
         logger.info("stopped")
+
+    async def _stop_http(self) -> None:
+        runners, self._http_runners = self._http_runners, []
+        await asyncio.gather(*(runner.cleanup() for runner in runners))
 
     async def _refresh_health(self) -> None:
         ready = self.is_ready()
