@@ -1,10 +1,12 @@
 """Dynamic batching: gather concurrent requests for one model into batches and run them off the event loop.
 
-One DynamicBatcher per model. Callers ``await submit(inputs)`` on the event loop; a single dispatcher task takes
-queued requests in arrival order until the batch holds ``max_batch_size`` rows or ``max_queue_delay_us`` has passed
-since the oldest of them was queued, then runs ``run_batch`` on one executor thread (backends are not re-entrant)
-and hands each caller a view of its own rows. Batch-sized tensor work (one ``torch.cat``) happens in that thread,
-never per request and never on the event loop.
+One DynamicBatcher per model. Callers ``await submit(inputs)`` on the event loop; a single dispatcher task gathers
+queued requests in arrival order until they hold ``max_batch_size`` rows or ``max_queue_delay_us`` has passed since
+the oldest of them was queued. Where the backend computes some sizes padded to a larger one (its preferred batch
+sizes, the graph buckets), the batch then closes where its ``bucket_policy`` says (service/batch_plan.py), and the
+requests it leaves stay queued, deadlines armed, for the next one. It runs ``run_batch`` on one executor thread
+(backends are not re-entrant) and hands each caller a view of its own rows. Batch-sized tensor work (one
+``torch.cat``) happens in that thread, never per request and never on the event loop.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from service.batch_plan import BucketPolicy, ComputeCosts, bucket_for, requests_to_take
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +74,14 @@ class DynamicBatcher:
     at a time. ``max_queue_size`` counts queued requests (not rows). ``on_batch(batch_size, queue_us, compute_us)``
     is called on the event loop after each batch, with the longest queue wait in that batch.
 
-    ``preferred_batch_sizes``: the backend's (service/backends/base.py), ascending, each at most max_batch_size.
-    The batcher holds them for a batching policy to aim at; today's policy ignores them and forms batches as
-    described above (with max_batch_size 32 and the fused backend's buckets, a batch of 17 computes 32 rows).
+    ``preferred_batch_sizes``: the backend's (service/backends/base.py), ascending, each at most max_batch_size; a
+    batch of n rows is taken to compute ``bucket_for(n)`` rows. ``bucket_policy`` decides where a batch closes among
+    them. ``on_padded_rows(rows)`` is called on the event loop after each batch with the rows computed for nothing.
+
+    ``launch_batch`` (a backend's ``launch``, service/backends/base.py), when given, is called instead of
+    ``run_batch`` with the requests' inputs, unconcatenated: it queues the batch and returns at once with the
+    function that waits for its logits, which runs on a thread of its own; the dispatcher meanwhile gathers and
+    launches the next batch. The backend bounds how many are in flight by blocking in ``launch``.
     """
 
     def __init__(
@@ -86,6 +95,9 @@ class DynamicBatcher:
         name: str = "",
         on_batch: Callable[[int, int, int], None] | None = None,
         preferred_batch_sizes: Sequence[int] = (),
+        bucket_policy: BucketPolicy = BucketPolicy.COST,
+        on_padded_rows: Callable[[int], None] | None = None,
+        launch_batch: Callable[[Sequence[torch.Tensor]], Callable[[], torch.Tensor]] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_us < 0:
             raise ValueError(
@@ -97,6 +109,9 @@ class DynamicBatcher:
             raise ValueError(f"preferred_batch_sizes must ascend within 1..{max_batch_size}, got {preferred}")
         self._run_batch = run_batch
         self.preferred_batch_sizes = preferred
+        self.bucket_policy = bucket_policy
+        self._costs = ComputeCosts(preferred)
+        self._on_padded_rows = on_padded_rows
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_us / 1e6
         self.max_queue_size = max_queue_size
@@ -106,6 +121,14 @@ class DynamicBatcher:
         self._executor = executor or concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"batcher-{name}" if name else "batcher"
         )
+        self._launch_batch = launch_batch
+        # Reads launched batches' results, so that the executor thread is free to launch the next batch meanwhile.
+        self._completions = (
+            None
+            if launch_batch is None
+            else concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"results-{name}")
+        )
+        self._in_flight: set[asyncio.Task[None]] = set()
         self._queue: collections.deque[_Request] = collections.deque()
         self._arrived = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
@@ -129,6 +152,8 @@ class DynamicBatcher:
             await self._dispatcher
         if self._owns_executor:
             self._executor.shutdown(wait=True)
+        if self._completions is not None:
+            self._completions.shutdown(wait=True)
 
     async def submit(self, inputs: torch.Tensor, deadline: float | None = None) -> BatchResult:
         """Queue ``inputs`` [n, 3, H, W] (1 <= n <= max_batch_size) and wait for its logits [n, classes].
@@ -180,35 +205,69 @@ class DynamicBatcher:
         while True:
             batch = await self._gather_batch()
             if batch is None:
-                return
+                break
             await self._run(batch)
+        await asyncio.gather(*self._in_flight)  # launched batches still computing
 
     async def _gather_batch(self) -> list[_Request] | None:
-        """Wait for the first request, then take compatible ones until full or its delay window closes.
+        """Wait for the first request, then for compatible ones until full or its delay window closes; then close.
 
-        Returns None once stopping with an empty queue. Requests whose deadline passed are failed here, not run.
+        Returns None once stopping with an empty queue. Requests stay queued (their deadline timers armed) until the
+        batch closes; those whose deadline passed are failed here, not run.
         """
-        while not self._queue:
-            if self._stopping:
-                return None
-            self._arrived.clear()
-            await self._arrived.wait()
-        first = self._queue[0]
-        window_closes = first.queued_ns / 1e9 + self.max_queue_delay_s
-        batch: list[_Request] = []
-        rows = 0
         while True:
-            while self._queue and self._fits(self._queue[0], first, rows):
-                request = self._queue.popleft()
-                if request.expiry is not None:
-                    request.expiry.cancel()  # from here on _drop_expired checks its deadline at dispatch
-                batch.append(request)
-                rows += request.rows
-            if rows == self.max_batch_size or self._queue:
-                break  # full, or the next request does not fit this batch: it opens the next one
+            while not self._queue:
+                if self._stopping:
+                    return None
+                self._arrived.clear()
+                await self._arrived.wait()
+            if await self._window_closed(self._queue[0]):
+                return self._close()
+            # The first request left the queue (deadline, cancellation) while its window was open: the next one opens
+            # a window of its own.
+
+    async def _window_closed(self, first: _Request) -> bool:
+        """Waits until `first`'s batch can grow no more (full, blocked, or its window closed): True; False as soon as
+        `first` is no longer at the head of the queue."""
+        window_closes = first.queued_ns / 1e9 + self.max_queue_delay_s
+        while self._queue and self._queue[0] is first:
+            gathered = self._gatherable()
+            count, rows = len(gathered), sum(request.rows for request in gathered)
+            if rows == self.max_batch_size or count < len(self._queue):
+                return True  # full, or the next request does not fit this batch: it opens the next one
             remaining = window_closes - time.monotonic()
             if remaining <= 0 or self._stopping or not await self._wait_for_arrival(remaining):
+                return True
+        return False
+
+    def _gatherable(self) -> list[_Request]:
+        """The queue's head and the requests after it that can join its batch, in arrival order."""
+        first, rows, taken = self._queue[0], 0, []
+        for request in self._queue:
+            if not self._fits(request, first, rows):
                 break
+            taken.append(request)
+            rows += request.rows
+        return taken
+
+    def _close(self) -> list[_Request]:
+        """Takes the requests the bucket policy puts in this batch off the queue; the others stay for the next."""
+        if not self._queue:
+            return []  # the head expired just as its window closed
+        gathered = self._gatherable()
+        delay_ns = self.max_queue_delay_s * 1e9
+        now_ns = time.monotonic_ns()
+        count = requests_to_take(
+            self.bucket_policy,
+            [request.rows for request in gathered],
+            self.preferred_batch_sizes,
+            self._costs,
+            lambda index: max(0.0, (gathered[index].queued_ns + delay_ns - now_ns) / 1e9),
+        )
+        batch = [self._queue.popleft() for _ in range(count)]
+        for request in batch:
+            if request.expiry is not None:
+                request.expiry.cancel()  # from here on _drop_expired checks its deadline at dispatch
         return self._drop_expired(batch)
 
     def _fits(self, request: _Request, first: _Request, rows: int) -> bool:
@@ -236,22 +295,47 @@ class DynamicBatcher:
         return live
 
     async def _run(self, batch: list[_Request]) -> None:
+        """Computes the batch; with ``launch_batch``, only queues it and leaves its results to a task of their own, so
+        that the next batch is gathered and launched while this one computes."""
         if not batch:
             return
         started_ns = time.monotonic_ns()
         loop = asyncio.get_running_loop()
+        inputs = [request.inputs for request in batch]
         try:
-            logits, compute_ns = await loop.run_in_executor(
-                self._executor, self._compute, [request.inputs for request in batch]
-            )
+            if self._launch_batch is None:
+                logits, compute_ns = await loop.run_in_executor(self._executor, self._compute, inputs)
+            else:
+                wait = await loop.run_in_executor(self._executor, self._launch, inputs)
+                completion = asyncio.create_task(self._complete(batch, started_ns, wait))
+                self._in_flight.add(completion)
+                completion.add_done_callback(self._in_flight.discard)
+                return
         except Exception as error:
-            logger.exception("batch of %d request(s) failed in model %r", len(batch), self.name)
-            for request in batch:
-                if not request.future.done():
-                    request.future.set_exception(error)
+            self._fail(batch, error)
             return
+        self._deliver(batch, started_ns, logits, compute_ns)
+
+    async def _complete(self, batch: list[_Request], started_ns: int, wait: Callable[[], torch.Tensor]) -> None:
+        assert self._completions is not None
+        try:
+            logits = await asyncio.get_running_loop().run_in_executor(self._completions, wait)
+        except Exception as error:
+            self._fail(batch, error)
+            return
+        # From launch to logits: with batches in flight this includes waiting behind the one before.
+        self._deliver(batch, started_ns, logits, time.monotonic_ns() - started_ns)
+
+    def _fail(self, batch: list[_Request], error: Exception) -> None:
+        logger.error("batch of %d request(s) failed in model %r", len(batch), self.name, exc_info=error)
+        for request in batch:
+            if not request.future.done():
+                request.future.set_exception(error)
+
+    def _deliver(self, batch: list[_Request], started_ns: int, logits: torch.Tensor, compute_ns: int) -> None:
         batch_rows = logits.shape[0]
         compute_us = compute_ns // 1000
+        self._costs.observe(batch_rows, compute_ns / 1e9)
         rows_per_request = logits.split([request.rows for request in batch])
         for request, rows in zip(batch, rows_per_request, strict=True):
             if not request.future.done():
@@ -262,6 +346,11 @@ class DynamicBatcher:
                 self._on_batch(batch_rows, (started_ns - batch[0].queued_ns) // 1000, compute_us)
             except Exception:  # a metrics observer must never stop the dispatcher
                 logger.exception("on_batch observer failed for model %r", self.name)
+        if self._on_padded_rows is not None:
+            try:
+                self._on_padded_rows(bucket_for(batch_rows, self.preferred_batch_sizes) - batch_rows)
+            except Exception:
+                logger.exception("on_padded_rows observer failed for model %r", self.name)
 
     def _compute(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
         """Executor thread: one concatenation for the whole batch, then the backend."""
@@ -269,3 +358,8 @@ class DynamicBatcher:
         started_ns = time.monotonic_ns()
         logits = self._run_batch(batch)
         return logits, time.monotonic_ns() - started_ns
+
+    def _launch(self, inputs: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
+        """Executor thread: the backend stages the inputs and queues the batch (blocking while its slots are full)."""
+        assert self._launch_batch is not None
+        return self._launch_batch(inputs)

@@ -100,6 +100,12 @@ class ServiceMetrics:
             buckets=_BATCH_SIZE_BUCKETS,
             registry=self.registry,
         )
+        self.padded_rows = Counter(
+            "resnet_padded_rows",
+            "Rows computed for nothing: a batch padded up to the backend's next graph bucket",
+            ["model"],
+            registry=self.registry,
+        )
         self.queue_depth = Gauge(
             "resnet_queue_depth", "Requests waiting in the model's batch queue", ["model"], registry=self.registry
         )

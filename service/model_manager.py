@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from models.pretrained import WeightsUnavailableError
-from service.backends import BackendUnavailableError, resolve_backend_kind
+from service.backends import BackendUnavailableError, LaunchesBatches, resolve_backend_kind
 from service.batcher import DynamicBatcher
 from service.lifecycle import Draining, Failed, Loaded, Loading, ModelState, Ready, ServedModel, Unloaded
 from service.metrics import ServiceMetrics
@@ -226,8 +226,11 @@ class ModelManager:
             max_queue_delay_us=config.max_queue_delay_us,
             max_queue_size=model.max_queue_size,
             preferred_batch_sizes=parts.backend.preferred_batch_sizes,
+            bucket_policy=config.bucket_policy,
             name=model.name,
             on_batch=_each(self._metrics.batch_observer(model.name), self.statistics.batch_observer(model.name)),
+            on_padded_rows=self._metrics.padded_rows.labels(model.name).inc,
+            launch_batch=parts.backend.launch if isinstance(parts.backend, LaunchesBatches) else None,
         )
         await batcher.start()
         self._metrics.track_queue_depth(model.name, lambda: batcher.queue_depth)

@@ -16,6 +16,7 @@ from pathlib import Path
 import models
 from models.precision import FLOAT32, PRECISIONS, Precision, parse_precision
 from service.backends.base import AUTO_BACKEND, BACKEND_CHOICES
+from service.batch_plan import BucketPolicy
 
 DEFAULT_REPOSITORY = Path(str(resources.files("service").joinpath("default_repository.toml")))
 BUILTIN_LABELS = ("imagenet",)
@@ -44,9 +45,10 @@ class ModelConfig:
     backend: str | None = None  # one of BACKEND_CHOICES
     max_queue_size: int | None = None
     precision: Precision = FLOAT32
+    bucket_policy: BucketPolicy = BucketPolicy.COST  # where batches close among the backend's graph buckets
 
 
-_STRING_KEYS = {"arch", "weights", "labels", "backend", "dtype"}
+_STRING_KEYS = {"arch", "weights", "labels", "backend", "dtype", "bucket_policy"}
 _INT_MINIMUMS = {
     "input_size": 1,
     "max_batch_size": 1,
@@ -102,8 +104,12 @@ def _parse_model(name: str, table: object, base_dir: Path) -> ModelConfig:
         precision = parse_precision(values.pop("dtype", FLOAT32.name))
     except ValueError:
         raise RepositoryError(f"{where}: dtype must be one of {', '.join(PRECISIONS)}") from None
+    try:
+        bucket_policy = BucketPolicy(values.pop("bucket_policy", BucketPolicy.COST))
+    except ValueError:
+        raise RepositoryError(f"{where}: bucket_policy must be one of {', '.join(BucketPolicy)}") from None
     if values.get("weights", "pretrained") not in ("pretrained", "random"):
         values["weights"] = str(base_dir / values["weights"])
     if values.get("labels") is not None and values["labels"] not in BUILTIN_LABELS:
         values["labels"] = str(base_dir / values["labels"])
-    return ModelConfig(name=name, precision=precision, **values)
+    return ModelConfig(name=name, precision=precision, bucket_policy=bucket_policy, **values)

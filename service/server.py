@@ -24,7 +24,8 @@ from service.backends.base import AUTO_BACKEND
 from service.http.app import kserve_http_app
 from service.http.site import start_site
 from service.metrics import ServiceMetrics
-from service.model_manager import ModelManager
+from service.model_loader import load_model_parts
+from service.model_manager import LoadParts, ModelManager
 from service.reflection import enable_server_reflection
 from service.repository import DEFAULT_REPOSITORY, ModelConfig, load_repository
 from service.rpc import CallScope
@@ -62,7 +63,10 @@ class ServerSettings:
 
 
 class InferenceServer:
-    def __init__(self, settings: ServerSettings, configs: Sequence[ModelConfig]) -> None:
+    def __init__(
+        self, settings: ServerSettings, configs: Sequence[ModelConfig], load_parts: LoadParts = load_model_parts
+    ) -> None:
+        """`load_parts` loads one model (service/model_loader.py); tests serve stand-in backends through it."""
         self._settings = settings
         self.metrics = ServiceMetrics()
         self.models = ModelManager(
@@ -71,6 +75,7 @@ class InferenceServer:
             default_queue_size=settings.queue_size,
             metrics=self.metrics,
             on_change=self._refresh_health,
+            load_parts=load_parts,
         )
         self._health = health.aio.HealthServicer()
         self._draining = False

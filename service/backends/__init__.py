@@ -17,6 +17,7 @@ from service.backends.base import (
     BACKEND_KINDS,
     Backend,
     BackendUnavailableError,
+    LaunchesBatches,
     default_device,
     resolve_backend_kind,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "BACKEND_KINDS",
     "Backend",
     "BackendUnavailableError",
+    "LaunchesBatches",
     "create_backend",
     "resolve_backend_kind",
 ]

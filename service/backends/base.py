@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -34,6 +35,20 @@ class Backend(Protocol):
     preferred_batch_sizes: tuple[int, ...]
 
     def run(self, batch: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class LaunchesBatches(Protocol):
+    """A backend that keeps several batches in flight (the fused backend on a GPU: service/backends/inflight.py).
+
+    ``launch`` takes the batch as its requests' parts (each what ``run`` takes, their rows together at most
+    max_batch_size), so that it copies each straight into its staging memory with no concatenation first, and queues
+    the batch, returning at once (blocking only while all its staging slots are in flight) with the function that
+    waits for and returns the whole batch's logits, once. ``launch`` is called from one thread at a time; the
+    functions it returns may be called from another.
+    """
+
+    def launch(self, parts: Sequence[torch.Tensor]) -> Callable[[], torch.Tensor]: ...
 
 
 def resolve_backend_kind(kind: str) -> str:

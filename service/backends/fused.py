@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -10,8 +12,14 @@ from torch import nn
 import models
 from models.kernel_cache import autotune_outcomes, describe_autotune
 from service.backends.base import BackendUnavailableError, warm_up_batch
+from service.backends.inflight import CopyComputePipeline
 
 logger = logging.getLogger(__name__)
+
+
+# Batches in flight per model: one uploading while one computes. A third would only queue behind the compute stream
+# and hold another max-batch of pinned memory.
+STAGING_SLOTS = 2
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:
@@ -59,16 +67,38 @@ class FusedBackend:
 
     def run(self, batch: torch.Tensor) -> torch.Tensor:
         """float32 [n, 3, H, W] (CPU) -> float32 logits [n, classes] (CPU)."""
+        return self.launch([batch])()
+
+    def launch(self, parts: Sequence[torch.Tensor]) -> Callable[[], torch.Tensor]:
+        """Queues the batch made of `parts` (each as `run` takes it) and returns the function that waits for its
+        logits (service/backends/base.py, LaunchesBatches). On CUDA up to STAGING_SLOTS batches are in flight; under
+        the interpreter the batch is computed here, at once."""
         with torch.inference_mode():
             if self._graphs is not None:
-                return self._graphs.run(batch)
-            return self._module(batch.to(self.device, torch.float32).contiguous()).float().cpu()
+                return self._graphs.launch(parts)
+            batch = parts[0] if len(parts) == 1 else torch.cat(list(parts))
+            logits = self._module(batch.to(self.device, torch.float32).contiguous()).float().cpu()
+        return lambda: logits
 
 
 class _GraphedBuckets:
-    """One CUDA graph per batch bucket, with static input and output buffers, all in one shared memory pool."""
+    """One CUDA graph per batch bucket, with static input and output buffers, all in one shared memory pool, and the
+    staging that keeps STAGING_SLOTS batches in flight (service/backends/inflight.py): per slot a pinned host input,
+    a device input and a pinned host output. A batch is copied from the caller's memory into its slot's pinned input
+    on the launching thread, then host-to-device into the slot's device input on the copy stream; on the compute
+    stream it is copied into the bucket's static input (device to device, so the next batch's upload never waits for
+    this replay to finish reading the static input), the graph replayed, and the logits copied into the pinned
+    output. Staging takes the static input's dtype and shape, whatever the caller's batch tensor is.
+    """
 
-    def __init__(self, module: nn.Module, input_size: int, max_batch_size: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        input_size: int,
+        max_batch_size: int,
+        device: torch.device,
+        slots: int = STAGING_SLOTS,
+    ) -> None:
         self.buckets = batch_buckets(max_batch_size)
         with torch.inference_mode():
             self._inputs = {b: warm_up_batch(b, input_size, device) for b in self.buckets}
@@ -90,11 +120,43 @@ class _GraphedBuckets:
                 with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                     self._outputs[b] = module(self._inputs[b])
                 self._graphs[b] = graph
-        logger.info("captured CUDA graphs for batch buckets %s", self.buckets)
+            largest_input, largest_output = self._inputs[self.buckets[-1]], self._outputs[self.buckets[-1]]
+            pinned = functools.partial(torch.empty, pin_memory=True)
+            self._pinned_inputs = [pinned(largest_input.shape, dtype=largest_input.dtype) for _ in range(slots)]
+            self._device_inputs = [torch.empty_like(largest_input) for _ in range(slots)]
+            self._pinned_outputs = [pinned(largest_output.shape, dtype=torch.float32) for _ in range(slots)]
+        compute_stream = torch.cuda.Stream(device)
+        compute_stream.wait_stream(torch.cuda.current_stream(device))  # the capture and warm-up wrote the buffers
+        self._pipeline = CopyComputePipeline(
+            slots,
+            copy_stream=torch.cuda.Stream(device),
+            compute_stream=compute_stream,
+            new_event=torch.cuda.Event,
+            on_stream=torch.cuda.stream,
+        )
+        logger.info("captured CUDA graphs for batch buckets %s; %d batches in flight", self.buckets, slots)
 
-    def run(self, batch: torch.Tensor) -> torch.Tensor:
-        n = batch.shape[0]
+    def launch(self, parts: Sequence[torch.Tensor]) -> Callable[[], torch.Tensor]:
+        """Called in inference mode; the returned function may be called from any thread."""
+        n = sum(part.shape[0] for part in parts)
         bucket = next(b for b in self.buckets if b >= n)
-        self._inputs[bucket][:n].copy_(batch, non_blocking=True)
-        self._graphs[bucket].replay()
-        return self._outputs[bucket][:n].float().cpu()  # synchronizes with the replay
+
+        def upload(slot: int) -> None:
+            # Pageable -> pinned on this thread, each request's rows straight into place (no concatenation first),
+            # while the GPU computes the batch before; then one host-to-device copy on the copy stream.
+            staged, row = self._pinned_inputs[slot], 0
+            for part in parts:
+                staged[row : row + part.shape[0]].copy_(part)
+                row += part.shape[0]
+            self._device_inputs[slot][:n].copy_(staged[:n], non_blocking=True)
+
+        def compute(slot: int) -> None:
+            self._inputs[bucket][:n].copy_(self._device_inputs[slot][:n])
+            self._graphs[bucket].replay()
+            self._pinned_outputs[slot][:n].copy_(self._outputs[bucket][:n], non_blocking=True)
+
+        def read(slot: int) -> torch.Tensor:
+            with torch.inference_mode():
+                return self._pinned_outputs[slot][:n].clone()  # out of the slot, which the next batch reuses
+
+        return self._pipeline.launch(upload, compute, read)

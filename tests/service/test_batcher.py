@@ -1,4 +1,4 @@
-"""DynamicBatcher: batch formation, delay window, per-caller rows, queue bound, deadlines, cancellation, drain."""
+"""DynamicBatcher: batches, delay window, per-caller rows, queue bound, deadlines, cancellation, drain, buckets."""
 
 import asyncio
 import threading
@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from service.batch_plan import BucketPolicy
 from service.batcher import (
     BatcherStoppedError,
     BatchTooLargeError,
@@ -308,3 +309,184 @@ def test_preferred_batch_sizes_are_kept_for_the_policy_and_checked():
     for bad in ([2, 1], [1, 1], [0, 2], [1, 8]):  # max_batch_size is 4
         with pytest.raises(ValueError, match=r"preferred_batch_sizes must ascend within 1\.\.4"):
             make_batcher(RecordingModel(), preferred_batch_sizes=bad)
+
+
+class GatedModel:
+    """run_batch that waits for one permit per batch, so a test decides when each batch finishes."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.rows: list[torch.Tensor] = []
+        self._permits = threading.Semaphore(0)
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(batch.shape[0])
+        self.rows.extend(batch.clone())
+        assert self._permits.acquire(timeout=10), "test never let the batch finish"
+        return row_logits(batch)
+
+    def finish_one(self) -> None:
+        self._permits.release()
+
+    async def wait_for_batches(self, count: int) -> None:
+        for _ in range(1000):
+            if len(self.sizes) >= count:
+                return
+            await asyncio.sleep(0.005)
+        raise AssertionError(f"only {len(self.sizes)} batches started, expected {count}")
+
+
+@pytest.mark.parametrize(
+    ("policy", "sizes", "padded"),
+    [
+        # Three single rows queued behind a running batch: fill takes the 2 that fill a bucket, the third waits.
+        (BucketPolicy.FILL, [1, 2, 1], [0, 0, 0]),
+        # pad takes all three, computed as 4: one padded row.
+        (BucketPolicy.PAD, [1, 3], [0, 1]),
+    ],
+)
+def test_batches_close_on_buckets_by_policy_and_report_padded_rows(policy, sizes, padded):
+    async def main():
+        model = GatedModel()
+        seen = []
+        batcher = await started(
+            make_batcher(
+                model, max_queue_delay_us=0, preferred_batch_sizes=(1, 2, 4), bucket_policy=policy,
+                on_padded_rows=seen.append,
+            )
+        )  # fmt: skip
+        blocker = asyncio.create_task(batcher.submit(torch.randn(1, *ITEM)))
+        await model.wait_for_batches(1)
+        requests = [torch.randn(1, *ITEM) for _ in range(3)]
+        waiting = [asyncio.create_task(batcher.submit(x)) for x in requests]
+        await asyncio.sleep(0.01)  # all three queued behind the running batch
+        for _ in sizes:
+            model.finish_one()
+        results = await asyncio.gather(blocker, *waiting)
+        await batcher.stop()
+        assert model.sizes == sizes
+        assert seen == padded
+        for x, result in zip(requests, results[1:], strict=True):
+            torch.testing.assert_close(result.logits, row_logits(x), rtol=0, atol=0)
+
+    asyncio.run(main())
+
+
+def test_request_left_for_the_next_bucket_keeps_its_deadline_and_is_never_computed():
+    async def main():
+        model = GatedModel()
+        batcher = await started(
+            make_batcher(model, max_queue_delay_us=0, preferred_batch_sizes=(1, 2, 4), bucket_policy=BucketPolicy.FILL)
+        )
+        blocker = asyncio.create_task(batcher.submit(torch.randn(1, *ITEM)))
+        await model.wait_for_batches(1)
+        filled = [asyncio.create_task(batcher.submit(torch.randn(1, *ITEM))) for _ in range(2)]
+        late = torch.randn(1, *ITEM)
+        left_over = asyncio.create_task(batcher.submit(late, deadline=time.monotonic() + 0.3))
+        await asyncio.sleep(0.01)
+        model.finish_one()  # the blocker; the next batch takes the two that fill bucket 2, `late` stays queued
+        await model.wait_for_batches(2)
+        assert model.sizes == [1, 2] and batcher.queue_depth == 1
+        with pytest.raises(DeadlineExceededError):
+            await asyncio.wait_for(left_over, 5)  # expires in the queue while the batch of 2 is held
+        assert batcher.queue_depth == 0
+        model.finish_one()
+        await asyncio.gather(blocker, *filled)
+        await batcher.stop()
+        assert model.sizes == [1, 2]
+        assert not any(torch.equal(row, late[0]) for row in model.rows)
+
+    asyncio.run(main())
+
+
+def test_bucket_policy_defaults_to_cost():
+    assert make_batcher(RecordingModel()).bucket_policy is BucketPolicy.COST
+
+
+class LaunchingModel:
+    """launch_batch whose results wait for the test: records launches and reads, in order, per batch index."""
+
+    def __init__(self, fail_batch: int | None = None) -> None:
+        self.events: list[tuple[str, int]] = []
+        self.finish = [threading.Event() for _ in range(16)]
+        self._fail_batch = fail_batch
+
+    def __call__(self, parts: list[torch.Tensor]):
+        batch = torch.cat(parts)
+        index = sum(1 for kind, _ in self.events if kind == "launch")
+        self.events.append(("launch", index))
+
+        def wait() -> torch.Tensor:
+            assert self.finish[index].wait(10), "test never finished the batch"
+            self.events.append(("read", index))
+            if index == self._fail_batch:
+                raise RuntimeError(f"batch {index} failed on the device")
+            return row_logits(batch)
+
+        return wait
+
+    async def wait_for(self, event: tuple[str, int]) -> None:
+        for _ in range(1000):
+            if event in self.events:
+                return
+            await asyncio.sleep(0.005)
+        raise AssertionError(f"never saw {event}; saw {self.events}")
+
+
+def launching_batcher(model: LaunchingModel) -> DynamicBatcher:
+    def unused(batch: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("with launch_batch the batcher never calls run_batch")
+
+    return make_batcher(unused, max_batch_size=1, max_queue_delay_us=0, launch_batch=model)
+
+
+def test_with_launch_batch_the_next_batch_launches_while_the_last_computes():
+    async def main():
+        model = LaunchingModel()
+        batcher = await started(launching_batcher(model))
+        requests = [torch.randn(1, *ITEM) for _ in range(3)]
+        calls = [asyncio.create_task(batcher.submit(x)) for x in requests]
+        await model.wait_for(("launch", 2))  # all three launched, none of their results read yet
+        assert model.events == [("launch", 0), ("launch", 1), ("launch", 2)]
+        for finish in model.finish[:3]:
+            finish.set()
+        results = await asyncio.gather(*calls)
+        await batcher.stop()
+        for x, result in zip(requests, results, strict=True):
+            torch.testing.assert_close(result.logits, row_logits(x), rtol=0, atol=0)
+
+    asyncio.run(main())
+
+
+def test_a_launched_batch_that_fails_fails_only_its_callers():
+    async def main():
+        model = LaunchingModel(fail_batch=0)
+        batcher = await started(launching_batcher(model))
+        doomed = asyncio.create_task(batcher.submit(torch.randn(1, *ITEM)))
+        await model.wait_for(("launch", 0))
+        fine = torch.randn(1, *ITEM)
+        other = asyncio.create_task(batcher.submit(fine))
+        model.finish[0].set()
+        model.finish[1].set()
+        with pytest.raises(RuntimeError, match="batch 0 failed"):
+            await doomed
+        torch.testing.assert_close((await other).logits, row_logits(fine), rtol=0, atol=0)
+        await batcher.stop()
+
+    asyncio.run(main())
+
+
+def test_stop_waits_for_launched_batches_to_deliver():
+    async def main():
+        model = LaunchingModel()
+        batcher = await started(launching_batcher(model))
+        call = asyncio.create_task(batcher.submit(torch.randn(1, *ITEM)))
+        await model.wait_for(("launch", 0))
+        stopping = asyncio.create_task(batcher.stop())
+        await asyncio.sleep(0.05)
+        assert not stopping.done()  # its batch is still computing
+        model.finish[0].set()
+        await stopping
+        assert call.done() and (await call).batch_size == 1
+
+    asyncio.run(main())

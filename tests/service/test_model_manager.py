@@ -18,6 +18,7 @@ import models
 from models import digits
 from models.precision import FLOAT32
 from models.pretrained import WeightsUnavailableError
+from service.batch_plan import BucketPolicy
 from service.batcher import BatcherStoppedError
 from service.lifecycle import Draining, Failed, Loaded, Loading, OutputSpec, Ready, ServedModel, Unloaded
 from service.metrics import ServiceMetrics
@@ -56,16 +57,17 @@ def parts_of(backend: FakeBackend) -> ModelParts:
 
 
 class Harness:
-    """A ModelManager over `outcomes` (name -> parts or the error its load raises), each load held until `go`."""
+    """A ModelManager over `outcomes` (name -> parts or the error its load raises), each load held until `go`;
+    `entry` overrides the repository entry's keys."""
 
-    def __init__(self, outcomes: dict[str, ModelParts | Exception]) -> None:
+    def __init__(self, outcomes: dict[str, ModelParts | Exception], **entry: object) -> None:
         self.metrics = ServiceMetrics()
         self.changes = 0
         self.loading = threading.Event()
         self.go = threading.Event()
         self._outcomes = outcomes
         self.manager = ModelManager(
-            [ModelConfig(name=name, **DIGITS) for name in outcomes],
+            [ModelConfig(name=name, **{**DIGITS, **entry}) for name in outcomes],
             default_backend="eager",
             default_queue_size=8,
             metrics=self.metrics,
@@ -144,6 +146,32 @@ def test_the_batcher_is_given_the_backends_preferred_batch_sizes():
         harness.manager.start_loading()
         await harness.settle()
         assert harness.manager.ready_model("bucketed").batcher.preferred_batch_sizes == (1, 2, 4)
+        await harness.manager.stop()
+
+    asyncio.run(main())
+
+
+class LaunchingBackend(FakeBackend):
+    """Keeps batches in flight (service/backends/base.py, LaunchesBatches): the batcher must launch, never run."""
+
+    def run(self, batch: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("a backend that launches batches is not run")
+
+    def launch(self, parts: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
+        logits = torch.cat(parts).mean(dim=(2, 3)) + 1.0
+        return lambda: logits
+
+
+def test_a_backend_that_launches_batches_is_launched_and_the_policy_comes_from_the_entry():
+    harness = Harness({"launching": parts_of(LaunchingBackend())}, bucket_policy=BucketPolicy.FILL)
+
+    async def main():
+        harness.manager.start_loading()
+        await harness.settle()
+        batcher = harness.manager.ready_model("launching").batcher
+        assert batcher.bucket_policy is BucketPolicy.FILL
+        x = torch.randn(2, 3, 4, 4)
+        torch.testing.assert_close((await batcher.submit(x)).logits, x.mean(dim=(2, 3)) + 1.0, rtol=0, atol=0)
         await harness.manager.stop()
 
     asyncio.run(main())

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from models.precision import PRECISIONS
+from service.batch_plan import BucketPolicy
 from service.labels import load_labels
 from service.repository import DEFAULT_REPOSITORY, ModelConfig, RepositoryError, load_repository
 
@@ -67,6 +68,14 @@ def test_dtype_is_parsed_into_a_precision(tmp_path: Path, dtype: str):
     assert config.precision.allow_tf32 == (dtype == "tf32")
 
 
+@pytest.mark.parametrize("policy", list(BucketPolicy))
+def test_bucket_policy_is_parsed_and_defaults_to_cost(tmp_path: Path, policy: BucketPolicy):
+    (config,) = load_repository(_write(tmp_path, f'[models.m]\narch = "resnet18"\nbucket_policy = "{policy}"\n'))
+    assert config.bucket_policy is policy
+    (default,) = load_repository(_write(tmp_path, '[models.m]\narch = "resnet18"\n'))
+    assert default.bucket_policy is BucketPolicy.COST
+
+
 @pytest.mark.parametrize(
     ("table", "message"),
     [
@@ -81,6 +90,7 @@ def test_dtype_is_parsed_into_a_precision(tmp_path: Path, dtype: str):
         ('arch = "resnet18"\nweights = 3', "weights must be a string"),
         ('arch = "resnet18"\nbackend = "tensorrt"', "backend must be one of"),
         ('arch = "resnet18"\ndtype = "int8"', "dtype must be one of"),
+        ('arch = "resnet18"\nbucket_policy = "greedy"', "bucket_policy must be one of pad, fill, cost"),
     ],
 )
 def test_bad_model_tables_are_refused_with_the_reason(tmp_path: Path, table: str, message: str):
