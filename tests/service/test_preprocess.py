@@ -16,7 +16,7 @@ from models import digits
 from models.inputs import IMAGENET_MEAN, IMAGENET_STD, InputSpec
 from service import preprocess
 from service.backends.normalize import NormalizeImages
-from service.preprocess import ImageTooLargeError, InvalidImageError, decode_image
+from service.preprocess import ImageTooLargeError, InvalidImageError, decode_image, open_image
 from service.throttled_log import TracebackThrottle
 
 MAX_PIXELS = 4_000_000
@@ -283,3 +283,36 @@ def test_every_single_channel_depth_scales_to_8_bits(mode):
     assert source.mode == mode
     out = np.asarray(to_8bit(source))
     np.testing.assert_array_equal(out if out.ndim == 2 else out[..., 0], grey)
+
+
+def test_a_large_jpeg_decodes_scaled_down_and_classifies_like_the_full_decode():
+    scans, labels = grey_scans(8)
+    spec = models.input_spec("digits_resnet", digits.INPUT_SIZE)
+    large = [encode(np.kron(scan, np.ones((8, 8), np.uint8)), "JPEG", quality=90) for scan in scans]  # 512 x 512
+    drafted = open_image(large[0], max_pixels=MAX_PIXELS, draft_for=spec)
+    assert drafted.size == (64, 64)  # 1/8 scale: still twice the 32 x 32 the recipe resizes to
+    assert open_image(large[0], max_pixels=MAX_PIXELS).size == (512, 512)
+    model = models.build("digits_resnet", "pretrained")
+    with torch.inference_mode():
+        classes = [
+            model(torch.stack([served_with(data, spec, scaled) for data in large])).argmax(1)
+            for scaled in (False, True)
+        ]
+    torch.testing.assert_close(classes[1], classes[0])
+    assert (classes[0] == torch.from_numpy(labels)).sum() >= 7
+
+
+def served_with(data: bytes, spec: InputSpec, scaled_jpeg: bool) -> torch.Tensor:
+    pixels = decode_image(data, spec, max_pixels=MAX_PIXELS, scaled_jpeg=scaled_jpeg)
+    return NormalizeImages(spec.mean, spec.std)(pixels.unsqueeze(0))[0]
+
+
+def test_scaled_jpeg_pixels_stay_close_to_the_full_decode_and_small_images_decode_in_full():
+    smooth = np.asarray(Image.fromarray(random_rgb(9, 12)).resize((1200, 900), Image.Resampling.BICUBIC))
+    data = encode(smooth, "JPEG", quality=92)
+    assert open_image(data, max_pixels=MAX_PIXELS, draft_for=SPEC).size == (150, 113)  # 1/8: short side >= 2 x 37
+    plain = decode_image(data, SPEC, max_pixels=MAX_PIXELS, scaled_jpeg=False).int()
+    scaled = decode_image(data, SPEC, max_pixels=MAX_PIXELS).int()
+    assert (plain - scaled).abs().float().mean() < 3  # grey levels
+    small = encode(random_rgb(60, 80), "JPEG")  # under 4x the recipe's 37: no DCT scale keeps enough
+    assert open_image(small, max_pixels=MAX_PIXELS, draft_for=SPEC).size == (80, 60)
