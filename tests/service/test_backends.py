@@ -191,3 +191,18 @@ def test_a_backend_without_mean_and_std_refuses_uint8_images(kind):
         backend.run(torch.zeros(1, 32, 32, 3, dtype=torch.uint8))
     with pytest.raises(ValueError, match="together"):
         create_backend(kind, models.build("digits_resnet"), input_size=32, max_batch_size=2, input_mean=(0.5,) * 3)
+
+
+@pytest.mark.gpu
+def test_fused_cuda_graphs_of_both_layouts_match_their_references():
+    spec = models.input_spec("resnet18", 64)
+    fused = create_backend(
+        "fused", models.build("resnet18"), input_size=64, max_batch_size=6, dtype=torch.bfloat16,
+        device=torch.device("cuda"), input_mean=spec.mean, input_std=spec.std,
+    )  # fmt: skip
+    assert fused.preferred_batch_sizes == (1, 2, 4, 6)
+    images = torch.randint(0, 256, (6, 64, 64, 3), dtype=torch.uint8)
+    reference = reference_logits("resnet18", normalize(images, spec))
+    for n in (3, 1, 6, 2):  # padded buckets included, the two layouts interleaved: each has its own graphs
+        assert_same_logits(fused.run(images[:n]), reference[:n], TOLERANCES[torch.bfloat16])
+        assert_same_logits(fused.run(normalize(images[:n], spec).float()), reference[:n], TOLERANCES[torch.bfloat16])
