@@ -33,17 +33,7 @@ from kernels import (
 )
 from models.conv_forms import Form, choose_form, conv_geometry
 from models.folding import fold_conv_bn
-
-
-def _normalization(mean: Sequence[float], std: Sequence[float], channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) [C] float32 that map raw 0..255 values to (x/255 - mean) / std."""
-    mean_t = torch.as_tensor(mean, dtype=torch.float64).flatten()
-    std_t = torch.as_tensor(std, dtype=torch.float64).flatten()
-    if mean_t.numel() != channels or std_t.numel() != channels:
-        raise ValueError(f"input_mean and input_std need {channels} values each (one per channel)")
-    if not (torch.isfinite(mean_t).all() and torch.isfinite(std_t).all() and (std_t > 0).all()):
-        raise ValueError(f"input_std must be positive and input_mean finite, got mean {mean} std {std}")
-    return (1 / (255 * std_t)).float(), (-mean_t / std_t).float()
+from models.inputs import normalization_affine
 
 
 class FusedStem(nn.Module):
@@ -100,7 +90,7 @@ class FusedStem(nn.Module):
             raise ValueError("input_mean and input_std go together: give both or neither")
         self.normalizes = input_mean is not None and input_std is not None
         if input_mean is not None and input_std is not None:
-            scale, shift = _normalization(input_mean, input_std, conv.in_channels)
+            scale, shift = normalization_affine(input_mean, input_std, conv.in_channels)
             self.register_buffer("input_scale", scale.to(weight.device))
             self.register_buffer("input_shift", shift.to(weight.device))
             self.register_buffer("cell_scale", space_to_depth_channels(self.input_scale))

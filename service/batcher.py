@@ -7,6 +7,10 @@ sizes, the graph buckets), the batch then closes where its ``bucket_policy`` say
 requests it leaves stay queued, deadlines armed, for the next one. It runs ``run_batch`` on one executor thread
 (backends are not re-entrant) and hands each caller a view of its own rows. Batch-sized tensor work (one
 ``torch.cat``) happens in that thread, never per request and never on the event loop.
+
+Requests carry either of the backends' two layouts (service/backends/base.py): uint8 NHWC raw images [n, S, S, 3]
+(Classify, UINT8 ModelInfer) or float32 NCHW [n, 3, S, S] (FP32/FP16 ModelInfer). The batcher knows neither; it
+batches only requests of one item shape and dtype, so the layouts never meet in one batch.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ class BatchResult:
 
 @dataclass(eq=False)
 class _Request:
-    inputs: torch.Tensor  # [n, 3, H, W]
+    inputs: torch.Tensor  # [n, ...]: uint8 [n, S, S, 3] or float32 [n, 3, S, S]
     deadline: float | None  # time.monotonic() seconds
     future: asyncio.Future[BatchResult]
     queued_ns: int = field(default_factory=time.monotonic_ns)
@@ -70,7 +74,7 @@ class _Request:
 class DynamicBatcher:
     """Per-model request queue plus the dispatcher task that forms and runs batches.
 
-    ``run_batch``: float32 [N, 3, H, W] -> logits [N, classes], N <= max_batch_size; called from one executor thread
+    ``run_batch``: [N, ...] in one layout -> logits [N, classes], N <= max_batch_size; called from one executor thread
     at a time. ``max_queue_size`` counts queued requests (not rows). ``on_batch(batch_size, queue_us, compute_us)``
     is called on the event loop after each batch, with the longest queue wait in that batch.
 
@@ -156,7 +160,7 @@ class DynamicBatcher:
             self._completions.shutdown(wait=True)
 
     async def submit(self, inputs: torch.Tensor, deadline: float | None = None) -> BatchResult:
-        """Queue ``inputs`` [n, 3, H, W] (1 <= n <= max_batch_size) and wait for its logits [n, classes].
+        """Queue ``inputs`` [n, ...] (1 <= n <= max_batch_size) and wait for its logits [n, classes].
 
         ``deadline`` is in time.monotonic() seconds. Raises QueueFullError, DeadlineExceededError,
         BatchTooLargeError, BatcherStoppedError, or whatever run_batch raised for this request's batch.

@@ -39,6 +39,8 @@ def load_model_parts(config: ModelConfig, backend_kind: str) -> ModelParts:
         max_batch_size=config.max_batch_size,
         dtype=config.precision.dtype,
         allow_tf32=config.precision.allow_tf32,
+        input_mean=preprocessing.mean,  # Classify sends raw uint8 images, normalized by the backend
+        input_std=preprocessing.std,
     )
     return ModelParts(backend, preprocessing, output)
 

@@ -20,9 +20,15 @@ class BackendUnavailableError(RuntimeError):
 class Backend(Protocol):
     """One loaded model ready to compute batches.
 
-    ``run`` takes float32 [n, 3, H, W] on the CPU (1 <= n <= max_batch_size) and returns float32 logits
-    [n, classes] on the CPU. It is called from one executor thread at a time (backends are not re-entrant) and
-    enters torch.inference_mode() itself, since that mode is thread-local.
+    ``run`` takes, on the CPU (1 <= n <= max_batch_size), either of the two batch layouts every backend accepts and
+    returns float32 logits [n, classes] on the CPU:
+    - raw images, uint8 NHWC [n, S, S, 3] (Classify's decoder and UINT8 ModelInfer), when the backend was given the
+      model's mean/std: it normalizes them on its device (inside its graph, or the fused stem's prologue);
+    - normalized float32 NCHW [n, 3, S, S] (FP32 ModelInfer; FP16 is widened to float32 at the edge).
+    Why two and not one: float -> uint8 would round the client's values, and uint8 -> float32 on the CPU is the 4x
+    bytes and the CPU pass the device-side normalization removes. The batcher never mixes them in one batch (it
+    batches only requests of one item shape and dtype). ``run`` is called from one executor thread at a time
+    (backends are not re-entrant) and enters torch.inference_mode() itself, since that mode is thread-local.
 
     ``preferred_batch_sizes``: ascending batch sizes this backend computes without waste, where some sizes cost the
     same as a larger one (the fused backend's CUDA graphs: a batch runs padded to the next captured size); empty when
@@ -62,6 +68,20 @@ def resolve_backend_kind(kind: str) -> str:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def is_raw_images(batch: torch.Tensor) -> bool:
+    """True for the uint8 NHWC layout, False for the float NCHW one (see Backend)."""
+    return batch.dtype == torch.uint8
+
+
+def refuse_raw_images(kind: str) -> ValueError:
+    return ValueError(f"the {kind} backend was built without the model's mean/std, so it takes no uint8 images")
+
+
+def warm_up_images(rows: int, input_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Random uint8 images [rows, S, S, 3]: the raw-image layout's warm-up."""
+    return torch.randint(0, 256, (rows, input_size, input_size, 3), dtype=torch.uint8, device=device)
 
 
 def warm_up_batch(rows: int, input_size: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -1,7 +1,7 @@
 """inference.GRPCInferenceService (KServe v2 / Open Inference Protocol) with Triton's extensions.
 
-Every model has one input, "input", FP32 or FP16 [-1, 3, S, S] (FP16 is widened to float32 before batching), and
-one output, "logits", FP32 [-1, classes]; tensors travel in raw_input_contents / raw_output_contents. With a
+Every model has one input, "input": UINT8 raw images [-1, S, S, 3] or FP32/FP16 normalized ones [-1, 3, S, S]
+(service/tensor_input.py parses it), and one output, "logits", FP32 [-1, classes] in raw_output_contents. With a
 `classification` parameter (tritonclient's class_count) on the requested output, "logits" is instead Triton's BYTES
 [-1, class_count] of "score:index:label". Implemented besides the core RPCs: ModelStreamInfer, ModelConfig,
 ModelStatistics, RepositoryIndex, RepositoryModelLoad/Unload (EXTENSIONS); shared memory, trace and log settings
@@ -12,7 +12,6 @@ answer UNIMPLEMENTED with a message that says so.
 
 import asyncio
 import functools
-import math
 import time
 import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,8 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
-import torch
 
 from service._proto import grpc_service_pb2 as pb
 from service._proto import grpc_service_pb2_grpc
@@ -32,7 +29,6 @@ from service.metrics import ServiceMetrics
 from service.model_manager import ModelManager
 from service.rpc import CallScope, Failure, RpcError, deadline_of, rpc_handler, run_blocking
 from service.servicers.kserve_messages import (
-    INPUT_NAME,
     MODEL_VERSION,
     OUTPUT_NAME,
     classification_output,
@@ -41,6 +37,7 @@ from service.servicers.kserve_messages import (
     repository_index,
 )
 from service.statistics import RequestTimes
+from service.tensor_input import INPUT_NAME, input_tensor
 
 SERVER_NAME = "fused-resnet"
 # What ServerMetadata lists: exactly the Triton extensions this server implements.
@@ -51,8 +48,6 @@ CLASSIFICATION_PARAMETER = "classification"
 _TRANSPORT_PARAMETERS = ("binary_data",)
 # unload_dependents: tritonclient always sends it; this server has no ensembles, so nothing depends on a model.
 _UNLOAD_PARAMETERS = ("unload_dependents",)
-# Wire byte order is little-endian, whatever the host's.
-_INPUT_DTYPES: dict[str, np.dtype] = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2")}
 
 
 # (what is not supported, what to do instead) for the RPCs of a feature this server lacks.
@@ -253,7 +248,9 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         class_count = _requested_class_count(request, model)
         input_started = time.perf_counter_ns()
         # Up to a whole message of bytes to copy (and widen from FP16): off the event loop.
-        inputs = await run_blocking(self._tensor_executor, _input_tensor, request, model)
+        inputs = await run_blocking(
+            self._tensor_executor, input_tensor, request, model.name, model.preprocessing.input_size
+        )
         input_ns = time.perf_counter_ns() - input_started
         result = await model.batcher.submit(inputs, deadline=deadline)
         output_started = time.perf_counter_ns()
@@ -320,29 +317,6 @@ def _requested_class_count(request: pb.ModelInferRequest, model: Loaded) -> int 
             elif key not in _TRANSPORT_PARAMETERS:
                 raise _invalid(f"unknown output parameter {key!r}; supported: 'classification' (class_count)")
     return class_count
-
-
-def _input_tensor(request: pb.ModelInferRequest, model: Loaded) -> torch.Tensor:
-    """The request's "input" as float32 [n, 3, S, S]; RpcError(INVALID_ARGUMENT) when it is not exactly that."""
-    size = model.preprocessing.input_size
-    if len(request.inputs) != 1 or request.inputs[0].name != INPUT_NAME:
-        names = [tensor.name for tensor in request.inputs]
-        raise _invalid(f"model {model.name!r} takes one input named 'input', got {names}")
-    tensor = request.inputs[0]
-    dtype = _INPUT_DTYPES.get(tensor.datatype)
-    if dtype is None:
-        raise _invalid(f"input datatype {tensor.datatype!r} is not supported; send FP32 or FP16")
-    shape = list(tensor.shape)
-    if len(shape) != 4 or shape[0] < 1 or shape[1:] != [3, size, size]:
-        raise _invalid(f"input shape {shape} does not match the model's [-1, 3, {size}, {size}]")
-    if len(request.raw_input_contents) != 1:
-        raise _invalid("send the input tensor in raw_input_contents (one entry); typed contents are not accepted")
-    raw = request.raw_input_contents[0]
-    expected_bytes = math.prod(shape) * dtype.itemsize
-    if len(raw) != expected_bytes:
-        raise _invalid(f"input holds {len(raw)} bytes; {tensor.datatype} {shape} needs {expected_bytes}")
-    # astype copies into a writable float32 array (frombuffer views the read-only request bytes).
-    return torch.from_numpy(np.frombuffer(raw, dtype=dtype).reshape(shape).astype(np.float32))
 
 
 def _check_version(name: str, version: str) -> None:

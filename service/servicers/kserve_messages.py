@@ -12,9 +12,9 @@ from service._proto import grpc_service_pb2 as pb
 from service._proto import model_config_pb2 as mc
 from service.lifecycle import Draining, Failed, Loaded, Loading, ModelState, Ready, ServedModel, Unloaded
 from service.statistics import Duration, ModelStats
+from service.tensor_input import INPUT_NAME
 
 MODEL_VERSION = "1"
-INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 # The state names of Triton's repository index.
 _INDEX_STATE: dict[type[ModelState], str] = {

@@ -26,6 +26,7 @@ from PIL import Image
 
 import models
 from models import digits
+from models.inputs import prepare_pixels
 from service._proto import classifier_pb2, classifier_pb2_grpc, grpc_service_pb2_grpc
 from service._proto import grpc_service_pb2 as pb
 from tests.support.numerics import CROSS_BACKEND_TOLERANCE, assert_relative_close
@@ -219,6 +220,27 @@ def test_model_infer_fp32_and_fp16_match_eager(inference, small_eager):
     assert_relative_close(logits_of(response), reference, CROSS_BACKEND_TOLERANCE, what="FP16 logits")
 
 
+@pytest.mark.parametrize("model", ["digits_eager", "digits_onnx"])
+def test_model_infer_uint8_images_classify_like_the_png_path(inference, classifier, model, digits_test):
+    """UINT8 NHWC raw images, raw and typed: the same pixels Classify decodes from a PNG, the same logits."""
+    images = digits_test.images[:3]
+    pixels = np.stack([prepare_pixels(Image.fromarray(image), digits.INPUT) for image in images])  # [3, 32, 32, 3]
+    raw = logits_of(inference.ModelInfer(infer_request(model, pixels, "UINT8")))
+    typed_input = pb.ModelInferRequest.InferInputTensor(
+        name="input",
+        datatype="UINT8",
+        shape=pixels.shape,
+        contents=pb.InferTensorContents(uint_contents=pixels.ravel()),
+    )
+    typed = logits_of(inference.ModelInfer(pb.ModelInferRequest(model_name=model, inputs=[typed_input])))
+    np.testing.assert_array_equal(typed, raw)
+    for row, image in enumerate(images):
+        response = classifier.Classify(classifier_pb2.ClassifyRequest(model=model, image=digits.to_png(image), top_k=1))
+        assert response.predictions[0].index == int(raw[row].argmax())
+        expected_score = float(torch.softmax(torch.from_numpy(raw[row]), 0).max())
+        assert response.predictions[0].score == pytest.approx(expected_score, abs=1e-5)
+
+
 def test_tritonclient_works_unchanged(server, tmp_path, small_eager, digits_eager_logits):
     inputs = {
         "digits_eager:0": random_inputs(2, digits.INPUT_SIZE),
@@ -308,10 +330,12 @@ _BAD_REQUESTS = {
                            grpc.StatusCode.INVALID_ARGUMENT),
     "unknown output name": (_infer(lambda: infer_request("digits_eager", _DIGIT, outputs=[
         pb.ModelInferRequest.InferRequestedOutputTensor(name="probabilities")])), grpc.StatusCode.INVALID_ARGUMENT),
-    "typed contents": (_infer(lambda: pb.ModelInferRequest(model_name="digits_eager", inputs=[
+    "typed and raw contents": (_infer(lambda: pb.ModelInferRequest(model_name="digits_eager", inputs=[
         pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=[1, 3, 32, 32],
-                                              contents=pb.InferTensorContents(fp32_contents=_DIGIT.ravel()))])),
-                       grpc.StatusCode.INVALID_ARGUMENT),
+                                              contents=pb.InferTensorContents(fp32_contents=_DIGIT.ravel()))],
+        raw_input_contents=[_DIGIT.tobytes()])), grpc.StatusCode.INVALID_ARGUMENT),
+    "uint8 images as nchw": (_infer(lambda: infer_request("digits_eager", np.zeros((1, 3, 32, 32), np.uint8),
+                                                          "UINT8")), grpc.StatusCode.INVALID_ARGUMENT),
     "batch above max_batch_size": (_infer(lambda: infer_request("digits_eager", random_inputs(DIGITS_MAX_BATCH + 1,
                                                                                             digits.INPUT_SIZE))),
                                    grpc.StatusCode.INVALID_ARGUMENT),

@@ -155,3 +155,54 @@ def test_tf32_is_the_fused_backends_only(kind):
 )
 def test_batch_buckets(max_batch_size, buckets):
     assert batch_buckets(max_batch_size) == buckets
+
+
+def normalize(images: torch.Tensor, spec: models.InputSpec) -> torch.Tensor:
+    """uint8 [n, S, S, 3] -> float64 [n, 3, S, S] as torchvision's ToTensor + Normalize make it."""
+    mean = torch.tensor(spec.mean, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float64).view(1, 3, 1, 1)
+    return (images.permute(0, 3, 1, 2).double() / 255 - mean) / std
+
+
+# The fused backend runs under the Triton interpreter here: one small image keeps it to seconds.
+@pytest.mark.parametrize(
+    "kind, arch, size, rows",
+    [("eager", "resnet18", 40, 3), ("onnxruntime", "resnet18", 40, 3), ("eager", "digits_resnet", 32, 2),
+     ("onnxruntime", "digits_resnet", 32, 2), ("fused", "digits_resnet", 32, 1)],
+)  # fmt: skip
+def test_uint8_nhwc_images_equal_float32_normalize_then_the_model(kind, arch, size, rows):
+    spec = models.input_spec(arch, size)
+    backend = create_backend(
+        kind, models.build(arch), input_size=size, max_batch_size=4, device=CPU, input_mean=spec.mean,
+        input_std=spec.std,
+    )  # fmt: skip
+    images = torch.randint(0, 256, (rows, size, size, 3), dtype=torch.uint8)
+    normalized = normalize(images, spec)
+    reference = reference_logits(arch, normalized)
+    assert_same_logits(backend.run(images), reference, CROSS_BACKEND_TOLERANCE)
+    # The float32 NCHW layout still runs on the same backend, and agrees.
+    assert_same_logits(backend.run(normalized.float()), reference, CROSS_BACKEND_TOLERANCE)
+
+
+@pytest.mark.parametrize("kind", ["eager", "onnxruntime"])
+def test_a_backend_without_mean_and_std_refuses_uint8_images(kind):
+    backend = create_backend(kind, models.build("digits_resnet"), input_size=32, max_batch_size=2, device=CPU)
+    with pytest.raises(ValueError, match="mean/std"):
+        backend.run(torch.zeros(1, 32, 32, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="together"):
+        create_backend(kind, models.build("digits_resnet"), input_size=32, max_batch_size=2, input_mean=(0.5,) * 3)
+
+
+@pytest.mark.gpu
+def test_fused_cuda_graphs_of_both_layouts_match_their_references():
+    spec = models.input_spec("resnet18", 64)
+    fused = create_backend(
+        "fused", models.build("resnet18"), input_size=64, max_batch_size=6, dtype=torch.bfloat16,
+        device=torch.device("cuda"), input_mean=spec.mean, input_std=spec.std,
+    )  # fmt: skip
+    assert fused.preferred_batch_sizes == (1, 2, 4, 6)
+    images = torch.randint(0, 256, (6, 64, 64, 3), dtype=torch.uint8)
+    reference = reference_logits("resnet18", normalize(images, spec))
+    for n in (3, 1, 6, 2):  # padded buckets included, the two layouts interleaved: each has its own graphs
+        assert_same_logits(fused.run(images[:n]), reference[:n], TOLERANCES[torch.bfloat16])
+        assert_same_logits(fused.run(normalize(images[:n], spec).float()), reference[:n], TOLERANCES[torch.bfloat16])
