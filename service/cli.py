@@ -127,8 +127,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings, log_level = parse_settings(argv)
     configure_logging(log_level)
     try:
-        asyncio.run(serve(settings))
+        finished = asyncio.run(serve(settings))
     except (RepositoryError, ServerStartError) as error:
         logger.error("cannot serve: %s", error)
         return 1
+    if not finished:
+        # Every request has been answered and every batcher stopped; only a model load is left, in native code that
+        # interpreter finalization would abort under. Nothing of it is kept, so exit at once with the normal code.
+        logging.shutdown()
+        os._exit(0)
     return 0

@@ -68,6 +68,7 @@ class ModelManager:
         self._on_change = on_change
         self._load_parts = load_parts
         self._stopped = False
+        self._loader: threading.Thread | None = None
         for name in self._models:
             metrics.model_ready.labels(name).set(0)
 
@@ -103,7 +104,20 @@ class ModelManager:
     def start_loading(self) -> None:
         """Starts the loader thread and returns at once."""
         loop = asyncio.get_running_loop()
-        threading.Thread(target=self._load_all, args=(loop,), name="model-loader", daemon=True).start()
+        self._loader = threading.Thread(target=self._load_all, args=(loop,), name="model-loader", daemon=True)
+        self._loader.start()
+
+    async def wait_for_loader(self, timeout_s: float) -> bool:
+        """After `stop`: waits up to `timeout_s` for the model being loaded to finish (no other one starts); True when
+        the loader thread has ended."""
+        loader = self._loader
+        if loader is None:
+            return True
+        await asyncio.to_thread(loader.join, timeout_s)
+        if loader.is_alive():
+            loading = [model.name for model in self._models.values() if isinstance(model.state, Loading)]
+            logger.warning("still loading %s after %.1f s; leaving it unfinished", ", ".join(loading), timeout_s)
+        return not loader.is_alive()
 
     async def stop(self) -> None:
         """Drains every ready model: its batcher finishes the work already queued, then stops. Models still loading

@@ -8,6 +8,7 @@ finish within `grace` seconds, then drains the batchers. `serve()` runs that bet
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,19 +19,28 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import models.kernel_cache
-from service._proto import classifier_pb2, classifier_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
+from service._proto import classifier_pb2, grpc_service_pb2
 from service.backends.base import AUTO_BACKEND
+from service.health import HealthServicer
 from service.metrics import ServiceMetrics
 from service.model_manager import ModelManager
 from service.repository import DEFAULT_REPOSITORY, ModelConfig, load_repository
 from service.rpc import CallScope
 from service.servicers.classifier import ClassifierServicer
 from service.servicers.kserve import InferenceServicer
+from service.wire import add_unary_servicer
 
 logger = logging.getLogger(__name__)
 
-CLASSIFIER_SERVICE = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
-INFERENCE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+_CLASSIFIER = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"]
+_INFERENCE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+CLASSIFIER_SERVICE = _CLASSIFIER.full_name
+INFERENCE_SERVICE = _INFERENCE.full_name
+# Identity only: gRPC inflates a compressed message whole before it checks the size limit, so a 254 KiB gzip request
+# cost 250 MiB of memory before being refused. Compressed requests get UNIMPLEMENTED ("Compression algorithm 'gzip'
+# is disabled") before their message is read; clients that compress by default negotiate identity from the
+# grpc-accept-encoding the server sends.
+_IDENTITY_ONLY = 1
 # "" is the whole server, as grpc.health.v1 defines it.
 HEALTH_SERVICES = ("", CLASSIFIER_SERVICE, INFERENCE_SERVICE)
 
@@ -67,7 +77,7 @@ class InferenceServer:
             metrics=self.metrics,
             on_change=self._refresh_health,
         )
-        self._health = health.aio.HealthServicer()
+        self._health = HealthServicer()
         self._draining = False
         self._server: grpc.aio.Server | None = None
         self._decode_executor: ThreadPoolExecutor | None = None
@@ -89,9 +99,12 @@ class InferenceServer:
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 # Without this a second server on the same port would silently share it.
                 ("grpc.so_reuseport", 0),
+                ("grpc.compression_enabled_algorithms_bitset", _IDENTITY_ONLY),
             ]
         )
-        classifier_pb2_grpc.add_ClassifierServicer_to_server(
+        add_unary_servicer(
+            server,
+            _CLASSIFIER,
             ClassifierServicer(
                 self.models,
                 scope,
@@ -99,13 +112,13 @@ class InferenceServer:
                 decode_executor=self._decode_executor,
                 max_pixels=settings.max_pixels,
             ),
-            server,
         )
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        add_unary_servicer(
+            server,
+            _INFERENCE,
             InferenceServicer(
                 self.models, scope, self.metrics, tensor_executor=self._decode_executor, is_ready=self.is_ready
             ),
-            server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -154,8 +167,11 @@ def use_kernel_cache(root: Path) -> None:
         raise ServerStartError(f"--kernel-cache-dir {root}: {error}") from error
 
 
-async def serve(settings: ServerSettings) -> None:
-    """Runs the server until SIGTERM or SIGINT, then shuts it down gracefully."""
+async def serve(settings: ServerSettings) -> bool:
+    """Runs the server until SIGTERM or SIGINT, then shuts it down gracefully. False when a model was still loading
+    at the end of the grace period: the loader thread is then inside torch or onnxruntime native code, which the
+    interpreter's own shutdown would abort under ("terminate called without an active exception"), so the caller
+    must leave without it (service/cli.py)."""
     configs = load_repository(settings.model_repository)
     if settings.kernel_cache_dir is not None:
         use_kernel_cache(settings.kernel_cache_dir)
@@ -167,4 +183,7 @@ async def serve(settings: ServerSettings) -> None:
     await server.start()
     await stop_requested.wait()
     logger.info("shutdown requested: finishing in-flight requests (grace %.1f s)", settings.grace_period_s)
+    stopping = time.monotonic()
     await server.stop(settings.grace_period_s)
+    # A model part-way through loading gets what is left of the grace period to finish.
+    return await server.models.wait_for_loader(max(0.0, settings.grace_period_s - (time.monotonic() - stopping)))
