@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from models.pretrained import WeightsUnavailableError
 from service.backends import BackendUnavailableError, resolve_backend_kind
 from service.batcher import DynamicBatcher
+from service.echo import echo
 from service.lifecycle import Draining, Failed, Loaded, Loading, ModelState, Ready, ServedModel
 from service.metrics import ServiceMetrics
 from service.model_loader import ModelParts, load_model_parts
@@ -92,7 +93,7 @@ class ModelManager:
         try:
             return self._models[name]
         except KeyError:
-            raise ModelNotFoundError(f"no model named {name!r}; models: {', '.join(self._models)}") from None
+            raise ModelNotFoundError(f"no model named {echo(name)}; models: {', '.join(self._models)}") from None
 
     def ready_model(self, name: str) -> Loaded:
         """What model `name` loaded, while it serves; ModelNotFoundError or ModelNotReadyError otherwise."""

@@ -15,6 +15,7 @@ import torch
 
 from service._proto import grpc_service_pb2 as pb
 from service._proto import grpc_service_pb2_grpc
+from service.echo import echo
 from service.lifecycle import Loaded
 from service.metrics import ServiceMetrics
 from service.model_manager import ModelManager
@@ -102,7 +103,8 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         for output in request.outputs:
             if output.name != OUTPUT_NAME:
                 raise RpcError(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"unknown output {output.name!r}; the model's output is 'logits'"
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"unknown output {echo(output.name)}; the model's output is 'logits'",
                 )
         # Up to a whole message of bytes to copy (and widen from FP16): off the event loop.
         inputs = await run_blocking(self._tensor_executor, _input_tensor, request, model)
@@ -143,7 +145,7 @@ def _input_tensor(request: pb.ModelInferRequest, model: Loaded) -> torch.Tensor:
 
 def _check_version(name: str, version: str) -> None:
     if version not in ("", MODEL_VERSION):
-        raise RpcError(grpc.StatusCode.NOT_FOUND, f"model {name!r} has no version {version!r}, only '1'")
+        raise RpcError(grpc.StatusCode.NOT_FOUND, f"model {name!r} has no version {echo(version)}, only '1'")
 
 
 def _invalid(message: str) -> RpcError:
