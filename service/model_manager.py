@@ -86,6 +86,11 @@ class ModelManager:
     def any_ready(self) -> bool:
         return any(model.ready for model in self._models.values())
 
+    @property
+    def required_not_ready(self) -> list[str]:
+        """The models the repository marks `required` that are not ready."""
+        return [model.name for model in self._models.values() if model.config.required and not model.ready]
+
     def is_known(self, name: str) -> bool:
         return name in self._models
 

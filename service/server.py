@@ -84,7 +84,9 @@ class InferenceServer:
         self._close_metrics: Callable[[], None] | None = None
 
     def is_ready(self) -> bool:
-        return not self._draining and self.models.settled and self.models.any_ready
+        """Every model settled, one ready, and every model the repository marks `required` ready."""
+        models = self.models
+        return not self._draining and models.settled and models.any_ready and not models.required_not_ready
 
     async def start(self) -> int:
         """Binds, starts serving and starts loading the models; returns the bound gRPC port."""
@@ -156,7 +158,13 @@ class InferenceServer:
         for service_name in HEALTH_SERVICES:
             await self._health.set(service_name, status)
         if self.models.settled:
-            logger.info("all models settled; server %s", "ready" if ready else "NOT ready: no model could load")
+            if ready:
+                logger.info("all models settled; server ready")
+            elif self.models.required_not_ready:
+                logger.error("all models settled; server NOT ready: required %s not ready",
+                             ", ".join(self.models.required_not_ready))  # fmt: skip
+            else:
+                logger.info("all models settled; server NOT ready: no model could load")
 
 
 def use_kernel_cache(root: Path) -> None:
