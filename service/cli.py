@@ -59,8 +59,9 @@ def _one_of(choices: Sequence[str]):
 
 # (flag, type, default, help); the settings field and the environment variable follow from the flag's name.
 _FLAGS = (
-    ("--host", str, _DEFAULTS.host, "address to bind (gRPC and metrics)"),
+    ("--host", str, _DEFAULTS.host, "address to bind gRPC (and metrics, unless --metrics-host says otherwise)"),
     ("--port", _port, _DEFAULTS.port, "gRPC port (0: any free port)"),
+    ("--metrics-host", str, _DEFAULTS.metrics_host, "address to bind the metrics endpoint; empty: --host"),
     ("--metrics-port", _port, _DEFAULTS.metrics_port, "Prometheus /metrics HTTP port; 0 disables it"),
     (
         "--backend",
@@ -111,6 +112,7 @@ def parse_settings(
         host=args.host,
         port=args.port,
         metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         backend=args.backend,
         model_repository=args.model_repository,
         grace_period_s=args.grace_period,

@@ -56,6 +56,7 @@ class ServerSettings:
     host: str = "0.0.0.0"
     port: int = 50051
     metrics_port: int = 9100  # 0: no metrics endpoint
+    metrics_host: str = ""  # "": the gRPC host; a scraper's network need not be the clients'
     backend: str = AUTO_BACKEND
     model_repository: Path = DEFAULT_REPOSITORY
     grace_period_s: float = 10.0
@@ -129,7 +130,8 @@ class InferenceServer:
         try:
             port = server.add_insecure_port(f"{settings.host}:{settings.port}")
             if settings.metrics_port:
-                self._close_metrics = self.metrics.serve_http(settings.host, settings.metrics_port)
+                metrics_host = settings.metrics_host or settings.host
+                self._close_metrics = self.metrics.serve_http(metrics_host, settings.metrics_port)
         except (RuntimeError, OSError) as error:  # grpc reports a taken port as RuntimeError, http.server as OSError
             raise ServerStartError(f"cannot bind: {error}") from error
         await server.start()
