@@ -17,6 +17,8 @@ from service.server import ServerSettings, ServerStartError, serve
 logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "RESNET_SERVE_"
+# The bearer token itself comes only from the environment: a flag's value would show in every process listing.
+AUTH_TOKEN_ENV = ENV_PREFIX + "AUTH_TOKEN"
 _DEFAULTS = ServerSettings()
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -83,6 +85,13 @@ _FLAGS = (
         "directory keeping compiled Triton kernels and autotune results across restarts, one subdirectory per card, "
         "driver, torch and Triton version; empty: results are not kept and every start re-tunes",
     ),
+    (
+        "--auth-token-file",
+        _optional_path,
+        "",
+        f"file whose first line is the bearer token every call but health must carry (or set {AUTH_TOKEN_ENV}); "
+        "empty: no authentication",
+    ),
 )
 
 
@@ -121,6 +130,8 @@ def parse_settings(
         queue_size=args.queue_size,
         decode_threads=args.decode_threads,
         kernel_cache_dir=args.kernel_cache_dir,
+        auth_token_file=args.auth_token_file,
+        auth_token=environ.get(AUTH_TOKEN_ENV) or None,
     )
     return settings, args.log_level
 

@@ -11,7 +11,7 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 import models.kernel_cache
 from service._proto import classifier_pb2, grpc_service_pb2
+from service.auth import AuthConfigError, BearerTokenInterceptor, load_token
 from service.backends.base import AUTO_BACKEND
 from service.health import HealthServicer
 from service.metrics import ServiceMetrics
@@ -46,7 +47,7 @@ HEALTH_SERVICES = ("", CLASSIFIER_SERVICE, INFERENCE_SERVICE)
 
 
 class ServerStartError(RuntimeError):
-    """A port could not be bound, or the kernel cache directory could not be made."""
+    """A port could not be bound, the kernel cache directory could not be made, or the auth token file read."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,8 @@ class ServerSettings:
     queue_size: int = 256
     decode_threads: int = 2
     kernel_cache_dir: Path | None = None  # Triton's compiled kernels and autotune results; None: not kept
+    auth_token_file: Path | None = None  # service/auth.py; neither this nor auth_token: authentication off
+    auth_token: str | None = field(default=None, repr=False)  # from the environment only, never a flag (ps shows argv)
 
 
 class InferenceServer:
@@ -92,18 +95,23 @@ class InferenceServer:
     async def start(self) -> int:
         """Binds, starts serving and starts loading the models; returns the bound gRPC port."""
         settings = self._settings
+        try:
+            token = load_token(settings.auth_token, settings.auth_token_file)
+        except AuthConfigError as error:
+            raise ServerStartError(str(error)) from error
         for service_name in HEALTH_SERVICES:
             await self._health.set(service_name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self._decode_executor = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         scope = CallScope(self.metrics, self.models.is_known)
         server = grpc.aio.server(
+            interceptors=[BearerTokenInterceptor(token, self._count_unauthenticated)] if token else [],
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 # Without this a second server on the same port would silently share it.
                 ("grpc.so_reuseport", 0),
                 ("grpc.compression_enabled_algorithms_bitset", _IDENTITY_ONLY),
-            ]
+            ],
         )
         add_unary_servicer(
             server,
@@ -136,7 +144,7 @@ class InferenceServer:
             raise ServerStartError(f"cannot bind: {error}") from error
         await server.start()
         self._server = server
-        logger.info("gRPC on %s:%d", settings.host, port)
+        logger.info("gRPC on %s:%d%s", settings.host, port, "; bearer token required but for health" if token else "")
         self.models.start_loading()
         return port
 
@@ -153,6 +161,9 @@ class InferenceServer:
         if self._close_metrics is not None:
             self._close_metrics()
         logger.info("stopped")
+
+    def _count_unauthenticated(self, method: str) -> None:
+        self.metrics.record_request("", method, grpc.StatusCode.UNAUTHENTICATED.name, 0.0)
 
     async def _refresh_health(self) -> None:
         ready = self.is_ready()

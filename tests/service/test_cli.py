@@ -45,6 +45,7 @@ def test_every_flag_comes_from_the_environment_and_a_flag_wins(tmp_path: Path):
         "RESNET_SERVE_DECODE_THREADS": "3",
         "RESNET_SERVE_LOG_LEVEL": "DEBUG",
         "RESNET_SERVE_KERNEL_CACHE_DIR": str(tmp_path / "kernels"),
+        "RESNET_SERVE_AUTH_TOKEN_FILE": str(tmp_path / "token"),
     }
     flags = [action.option_strings[0] for action in build_parser({})._actions if action.dest != "help"]
     assert sorted(env_name(flag) for flag in flags) == sorted(environ)
@@ -53,7 +54,7 @@ def test_every_flag_comes_from_the_environment_and_a_flag_wins(tmp_path: Path):
     assert settings == ServerSettings(
         host="127.0.0.1", port=6000, metrics_port=0, metrics_host="127.0.0.2", backend="eager",
         model_repository=tmp_path / "r.toml", grace_period_s=2.5, max_message_bytes=1000, max_pixels=77, queue_size=9,
-        decode_threads=3, kernel_cache_dir=tmp_path / "kernels",
+        decode_threads=3, kernel_cache_dir=tmp_path / "kernels", auth_token_file=tmp_path / "token",
     )  # fmt: skip
     assert log_level == "DEBUG"
 
