@@ -29,7 +29,7 @@ from service.repository import DEFAULT_REPOSITORY, ModelConfig, load_repository
 from service.rpc import CallScope
 from service.servicers.classifier import ClassifierServicer
 from service.servicers.kserve import InferenceServicer
-from service.wire import add_unary_servicer
+from service.wire import add_servicer
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class InferenceServer:
                 ("grpc.compression_enabled_algorithms_bitset", _IDENTITY_ONLY),
             ],
         )
-        add_unary_servicer(
+        add_servicer(
             server,
             _CLASSIFIER,
             ClassifierServicer(
@@ -124,7 +124,7 @@ class InferenceServer:
                 max_pixels=settings.max_pixels,
             ),
         )
-        add_unary_servicer(
+        add_servicer(
             server,
             _INFERENCE,
             InferenceServicer(
