@@ -86,7 +86,8 @@ class Replica:
 
     def start(self) -> None:
         command = [sys.executable, "-m", "service", *self.server_args, "--host", self.host, "--port", str(self.port)]
-        command += ["--metrics-port", str(self.metrics_port)]
+        # No HTTP/REST port: clients reach the replicas through Envoy, over gRPC only.
+        command += ["--metrics-port", str(self.metrics_port), "--http-port", "0"]
         self.process = _spawn(command, self.log_path, self.environment, own_session=False)
         self.started_at = time.monotonic()
         logger.info("replica %d: pid %d on %s (log %s)", self.index, self.process.pid, self.address, self.log_path)

@@ -296,7 +296,7 @@ def conv_bn_act(
         raise ValueError(f"split_k must be a positive int, got {split_k!r}")
     partials = torch.empty((split_k, m, k), dtype=torch.float32, device=x.device) if split_k > 1 else bias
     # Unused pointer slots get any tensor of the right dtype, so that every launch has one signature.
-    args = (x, weight, bias, residual if residual is not None else out)
+    args: tuple[object, ...] = (x, weight, bias, residual if residual is not None else out)
     args += (prologue_scale, prologue_shift) if has_prologue else (bias, bias)
     args += (out, partials, m, h, w, p, q, stride_h, stride_w, pad_h, pad_w)
     # The interpreter's bfloat16 dot is wrong and its float32 -> bfloat16 cast truncates: both are patched in-kernel.

@@ -314,7 +314,7 @@ def conv_tma(
         "ROUND_BF16_RTNE": interpreted and dtype == torch.bfloat16,
     }
     # Unused pointer slots get any tensor of the right dtype, so that every launch has one signature.
-    args = (x, weight, bias, residual if residual is not None else out)
+    args: tuple[object, ...] = (x, weight, bias, residual if residual is not None else out)
     args += (prologue_scale, prologue_shift) if has_prologue else (bias, bias)
     args += (out, partials, n, h, w, p, q, image_h, image_w, (n * p * q).bit_length())
 

@@ -67,6 +67,7 @@ def start(backend: str, repository: Path, log_path: Path) -> Target:
     port, metrics_port = free_port(), free_port()
     command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--metrics-port", str(metrics_port), "--backend", backend, "--model-repository", str(repository)]
+    command += ["--http-port", "0"]  # the Locust users speak gRPC
     logger.info("starting %s", " ".join(command))
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)

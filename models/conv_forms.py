@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 import torch
+from torch import nn
 
 from kernels import conv1x1_tma, conv1x1_tma_supports, conv_bn_act, conv_tma, conv_tma_supports
 
@@ -78,6 +79,27 @@ FORM_TABLE: tuple[Choice, ...] = (
 )
 
 
+Pair = tuple[int, int]
+
+
+class Fusions(TypedDict):
+    """The fusion keywords every kernel form takes alike."""
+
+    residual: torch.Tensor | None
+    relu: bool
+    prologue_scale: torch.Tensor | None
+    prologue_shift: torch.Tensor | None
+    allow_tf32: bool
+
+
+def conv_geometry(conv: nn.Conv2d) -> tuple[Pair, Pair, Pair]:
+    """(kernel_size, stride, padding) of a 2-D convolution as int pairs (nn.Conv2d types them as tuple[int, ...])."""
+    if isinstance(conv.padding, str) or conv.dilation != (1, 1) or conv.groups != 1:
+        raise ValueError(f"the fused kernels take numeric padding, no dilation and one group; got {conv}")
+    (r, s), (stride_h, stride_w), (pad_h, pad_w) = conv.kernel_size, conv.stride, conv.padding
+    return (r, s), (stride_h, stride_w), (pad_h, pad_w)
+
+
 def layer_kind(kernel_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]) -> str:
     """The table's name for a (non-stem) convolution's kind."""
     if kernel_size == (1, 1) and padding == (0, 0):
@@ -98,18 +120,21 @@ def launch(conv: FusedConv, x: torch.Tensor, residual: torch.Tensor | None) -> t
     kind = layer_kind(conv.kernel_size, conv.stride, conv.padding)
     form = choose_form(kind, min(p, q)) if conv.tma_device else Form.POINTER
     k = conv.bias.shape[0]
-    fusions = {
-        "residual": residual,
-        "relu": conv.relu,
-        "prologue_scale": conv.prologue_scale,
-        "prologue_shift": conv.prologue_shift,
-        "allow_tf32": conv.allow_tf32,
-    }
+    fusions = Fusions(
+        residual=residual,
+        relu=conv.relu,
+        prologue_scale=conv.prologue_scale,
+        prologue_shift=conv.prologue_shift,
+        allow_tf32=conv.allow_tf32,
+    )
     if form is Form.GEMM_TMA and conv1x1_tma_supports(c, k, x.dtype, conv.allow_tf32):
         return conv1x1_tma(x, conv.weight, conv.bias, **fusions)
-    geometry = {"kernel_size": conv.kernel_size, "stride": conv.stride, "padding": conv.padding}
     square_stride = stride_h if stride_h == stride_w else 0
     taps_ok = conv_tma_supports(c, k, x.dtype, stride=square_stride, height=h, width=w, allow_tf32=conv.allow_tf32)
     if form is Form.TAPS_TMA and taps_ok:
-        return conv_tma(x, conv.weight, conv.bias, **geometry, **fusions)
-    return conv_bn_act(x, conv.weight, conv.bias, **geometry, **fusions)
+        return conv_tma(
+            x, conv.weight, conv.bias, kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding, **fusions
+        )
+    return conv_bn_act(
+        x, conv.weight, conv.bias, kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding, **fusions
+    )

@@ -38,6 +38,11 @@ class FusedConv(nn.Module):
     allow_tf32 (float32 only): the kernel may multiply on TF32 tensor cores instead of the IEEE float32 dot.
     """
 
+    weight: torch.Tensor
+    bias: torch.Tensor
+    prologue_scale: torch.Tensor | None
+    prologue_shift: torch.Tensor | None
+
     def __init__(
         self,
         conv: nn.Conv2d,
@@ -60,9 +65,7 @@ class FusedConv(nn.Module):
         else:
             self.prologue_scale = self.prologue_shift = None
         self.in_channels = conv.in_channels
-        self.kernel_size = conv.kernel_size
-        self.stride = conv.stride
-        self.padding = conv.padding
+        self.kernel_size, self.stride, self.padding = conv_forms.conv_geometry(conv)
         self.relu = relu
         self.allow_tf32 = allow_tf32
 
@@ -92,6 +95,11 @@ class FusedResNet(nn.Module):
     With normalization (fuse's input_mean/input_std) forward also takes raw uint8 NHWC images [N, H, W, 3].
     """
 
+    fc_weight: torch.Tensor
+    fc_bias: torch.Tensor
+    head_scale: torch.Tensor | None
+    head_shift: torch.Tensor | None
+
     def __init__(
         self,
         stem: FusedStem,
@@ -106,7 +114,7 @@ class FusedResNet(nn.Module):
         self.in_channels = stem.in_channels
         self.stem = stem
         # (kernel_size, stride, padding) of the stem's max pool, None where the model has none (digits_resnet)
-        self.maxpool = None if maxpool is None else (maxpool.kernel_size, maxpool.stride, maxpool.padding)
+        self.maxpool = None if maxpool is None else _square_window(maxpool)
         self.blocks = nn.ModuleList(blocks)
         self.register_buffer("fc_weight", pack_linear_weight(fc.weight.detach(), dtype))
         self.register_buffer("fc_bias", fc.bias.detach().float().contiguous())
@@ -143,7 +151,20 @@ class FusedResNet(nn.Module):
         )
 
 
-def _fuse_v1_block(block: BasicBlock | Bottleneck, dtype: torch.dtype, allow_tf32: bool) -> FusedBlock:
+def _square_window(pool: nn.MaxPool2d) -> tuple[int, int, int]:
+    """(kernel_size, stride, padding) of a max pool the fused kernel implements: a square window."""
+    sides = [
+        value if isinstance(value, tuple) else (value, value) for value in (pool.kernel_size, pool.stride, pool.padding)
+    ]
+    if pool.ceil_mode or pool.dilation not in (1, (1, 1)) or any(len(set(pair)) != 1 for pair in sides):
+        raise ValueError("the fused max pool implements a square window in floor mode without dilation only")
+    kernel_size, stride, padding = (pair[0] for pair in sides)
+    return kernel_size, stride, padding
+
+
+def _fuse_v1_block(block: nn.Module, dtype: torch.dtype, allow_tf32: bool) -> FusedBlock:
+    if not isinstance(block, BasicBlock | Bottleneck):
+        raise ValueError(f"a ResNet layer holds BasicBlock or Bottleneck blocks, got {type(block).__name__}")
     # conv -> BN -> ReLU for every conv but the last, whose epilogue adds the shortcut before the ReLU.
     pairs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
     if isinstance(block, Bottleneck):
@@ -152,15 +173,19 @@ def _fuse_v1_block(block: BasicBlock | Bottleneck, dtype: torch.dtype, allow_tf3
     shortcut = None
     if block.downsample is not None:
         ds_conv, ds_bn = block.downsample
+        if not isinstance(ds_conv, nn.Conv2d) or not isinstance(ds_bn, nn.BatchNorm2d):
+            raise ValueError(f"a downsample shortcut is Conv2d then BatchNorm2d, got {block.downsample}")
         shortcut = FusedConv(ds_conv, ds_bn, dtype, relu=False, allow_tf32=allow_tf32)
     return FusedBlock(convs, shortcut)
 
 
-def _fuse_v2_block(block: PreActBasicBlock | PreActBottleneck, dtype: torch.dtype, allow_tf32: bool) -> FusedBlock:
+def _fuse_v2_block(block: nn.Module, dtype: torch.dtype, allow_tf32: bool) -> FusedBlock:
     # v2: out = conv1(relu(bn1(x))); conv2(relu(bn2(.))) ...; + shortcut, no ReLU after the add.
     # relu(bn1(x)) is the first conv's (and the downsample's) input prologue; every later BN+ReLU follows a conv
     # whose output feeds nothing else, so it folds into that conv's epilogue.
-    convs_and_next_bn = [(block.conv1, block.bn2)]
+    if not isinstance(block, PreActBasicBlock | PreActBottleneck):
+        raise ValueError(f"a PreActResNet layer holds pre-activation blocks, got {type(block).__name__}")
+    convs_and_next_bn: list[tuple[nn.Conv2d, nn.BatchNorm2d | None]] = [(block.conv1, block.bn2)]
     if isinstance(block, PreActBottleneck):
         convs_and_next_bn += [(block.conv2, block.bn3), (block.conv3, None)]
     else:
@@ -223,6 +248,4 @@ def fuse(
         head_bn = None
     stem = FusedStem(model.conv1, model.bn1, dtype, allow_tf32=allow_tf32, input_mean=input_mean, input_std=input_std)
     maxpool = model.maxpool if isinstance(model.maxpool, nn.MaxPool2d) else None
-    if maxpool is not None and (maxpool.ceil_mode or maxpool.dilation not in (1, (1, 1))):
-        raise ValueError("the fused max pool implements floor mode without dilation only")
     return FusedResNet(stem, maxpool, blocks, model.fc, dtype, head_bn=head_bn).to(device).eval()

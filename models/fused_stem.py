@@ -31,7 +31,7 @@ from kernels import (
     tma_device,
     tma_operands,
 )
-from models.conv_forms import Form, choose_form
+from models.conv_forms import Form, choose_form, conv_geometry
 from models.folding import fold_conv_bn
 
 
@@ -53,6 +53,14 @@ class FusedStem(nn.Module):
     in the prologue; float images are taken as already normalized either way.
     """
 
+    weight: torch.Tensor
+    bias: torch.Tensor
+    cell_weight: torch.Tensor
+    input_scale: torch.Tensor
+    input_shift: torch.Tensor
+    cell_scale: torch.Tensor
+    cell_shift: torch.Tensor
+
     def __init__(
         self,
         conv: nn.Conv2d,
@@ -67,7 +75,7 @@ class FusedStem(nn.Module):
         weight, bias = fold_conv_bn(conv, bn)
         self.dtype = dtype
         self.in_channels = conv.in_channels
-        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        self.kernel_size, self.stride, self.padding = conv_geometry(conv)
         self.allow_tf32 = allow_tf32
         self.register_buffer("weight", pack_conv_weight(weight, dtype))
         self.register_buffer("bias", bias.float().contiguous())
@@ -76,17 +84,17 @@ class FusedStem(nn.Module):
             and tma_device(weight.device)
             and tma_operands(dtype, allow_tf32)
             and tma_channels_ok(CELL_VALUES, conv.out_channels, dtype)
-            and conv.stride == (CELL, CELL)
+            and self.stride == (CELL, CELL)
             and conv.in_channels <= CELL_CHANNELS
         )
         self.form = Form.TAPS_TMA if cells else Form.POINTER
         if cells:
-            self.cell_kernel, self.cell_padding = space_to_depth_geometry(conv.kernel_size, conv.padding)
-            self.register_buffer("cell_weight", pack_space_to_depth_weight(weight, conv.padding, dtype))
+            self.cell_kernel, self.cell_padding = space_to_depth_geometry(self.kernel_size, self.padding)
+            self.register_buffer("cell_weight", pack_space_to_depth_weight(weight, self.padding, dtype))
         if (input_mean is None) != (input_std is None):
             raise ValueError("input_mean and input_std go together: give both or neither")
-        self.normalizes = input_mean is not None
-        if self.normalizes:
+        self.normalizes = input_mean is not None and input_std is not None
+        if input_mean is not None and input_std is not None:
             scale, shift = _normalization(input_mean, input_std, conv.in_channels)
             self.register_buffer("input_scale", scale.to(weight.device))
             self.register_buffer("input_shift", shift.to(weight.device))
@@ -110,13 +118,6 @@ class FusedStem(nn.Module):
         output_size = ((h + 2 * pad_h - r) // stride_h + 1, (w + 2 * pad_w - s) // stride_w + 1)
         if self.form is Form.TAPS_TMA:
             cells = space_to_depth(images, torch.uint8 if raw else self.dtype, layout=layout)
-            prologue = {}
-            if raw:
-                prologue = {
-                    "prologue_scale": self.cell_scale,
-                    "prologue_shift": self.cell_shift,
-                    "prologue_relu": False,
-                }
             return conv_tma(
                 cells,
                 self.cell_weight,
@@ -128,13 +129,12 @@ class FusedStem(nn.Module):
                 image_size=(h, w),
                 output_size=output_size,
                 allow_tf32=self.allow_tf32,
-                **prologue,
+                prologue_scale=self.cell_scale if raw else None,
+                prologue_shift=self.cell_shift if raw else None,
+                prologue_relu=False,
             )
         x = images if layout == "NHWC" else images.permute(0, 2, 3, 1)
         x = x.contiguous() if raw else x.to(self.dtype).contiguous()
-        prologue = {}
-        if raw:
-            prologue = {"prologue_scale": self.input_scale, "prologue_shift": self.input_shift, "prologue_relu": False}
         return conv_bn_act(
             x,
             self.weight,
@@ -144,5 +144,7 @@ class FusedStem(nn.Module):
             padding=self.padding,
             relu=True,
             allow_tf32=self.allow_tf32,
-            **prologue,
+            prologue_scale=self.input_scale if raw else None,
+            prologue_shift=self.input_shift if raw else None,
+            prologue_relu=False,
         )

@@ -61,10 +61,11 @@ def _one_of(choices: Sequence[str]):
 
 # (flag, type, default, help); the settings field and the environment variable follow from the flag's name.
 _FLAGS = (
-    ("--host", str, _DEFAULTS.host, "address to bind gRPC (and metrics, unless --metrics-host says otherwise)"),
+    ("--host", str, _DEFAULTS.host, "address to bind gRPC and HTTP (and metrics, unless --metrics-host is set)"),
     ("--port", _port, _DEFAULTS.port, "gRPC port (0: any free port)"),
     ("--metrics-host", str, _DEFAULTS.metrics_host, "address to bind the metrics endpoint; empty: --host"),
     ("--metrics-port", _port, _DEFAULTS.metrics_port, "Prometheus /metrics HTTP port; 0 disables it"),
+    ("--http-port", _port, _DEFAULTS.http_port, "KServe v2 HTTP/REST port; 0 disables it"),
     (
         "--backend",
         _one_of(BACKEND_CHOICES),
@@ -122,6 +123,7 @@ def parse_settings(
         port=args.port,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
+        http_port=args.http_port,
         backend=args.backend,
         model_repository=args.model_repository,
         grace_period_s=args.grace_period,

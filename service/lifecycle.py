@@ -1,12 +1,14 @@
 """The lifecycle of one served model, as types: a model is in exactly one state, and each state holds what it has.
 
-    Loading ──▶ Ready(Loaded) ──▶ Draining(Loaded)
-       └──────▶ Failed(reason)
+    Loading ──▶ Ready(Loaded) ──▶ Draining(Loaded) ──▶ Unloaded
+     ▲ └──────▶ Failed(reason)                            │
+     └───────────────┴────────────────────────────────────┘  (RepositoryModelLoad)
 
 `Loaded` is everything a request needs (backend, batcher, preprocessing, output), and it is made only once the
 backend is warm and the batcher runs. Only Ready and Draining hold one, so code that submits to a batcher must first
 have a `Loaded` in hand: `ModelManager.ready_model` is the one way to get it, and the type checker refuses a batcher
-reached any other way. `NEXT_STATES` lists the transitions there are; anything else is a bug and raises.
+reached any other way. `NEXT_STATES` lists the transitions there are; anything else is a bug and raises. Draining
+ends in Unloaded when a client unloads the model (it may be loaded again), and stays Draining when the server stops.
 """
 
 from __future__ import annotations
@@ -73,13 +75,21 @@ class Draining:
     reason: str = "draining"
 
 
-ModelState = Loading | Ready | Failed | Draining
+@dataclass(frozen=True)
+class Unloaded:
+    """Unloaded on a client's request (RepositoryModelUnload), after its queued requests finished."""
+
+    reason: str = "unloaded"
+
+
+ModelState = Loading | Ready | Failed | Draining | Unloaded
 
 NEXT_STATES: dict[type[ModelState], tuple[type[ModelState], ...]] = {
     Loading: (Ready, Failed),
     Ready: (Draining,),
-    Failed: (),
-    Draining: (),
+    Failed: (Loading,),
+    Draining: (Unloaded,),
+    Unloaded: (Loading,),
 }
 
 

@@ -1,17 +1,55 @@
-"""Prometheus metrics of the server, in a registry of its own (several servers can live in one test process).
+"""Prometheus metrics of the server, in a registry of its own (several servers can live in one test process), served
+on /metrics (any other path: 404) by an aiohttp application on the server's event loop.
+
+Beside our own families (resnet_*), the registry holds the process and Python collectors and the Triton families that
+users' dashboards read (nv_inference_*, labelled model and version as Triton labels them; nv_gpu_* where there is a
+GPU: service/gpu_metrics.py). Triton declares nv_inference_* counters, in microseconds, under names without `_total`;
+prometheus_client would append `_total` to a Counter, which the dashboards' queries do not name, so they are gauges
+that only ever increase. Their meaning is Triton's: an inference request is one Classify or ModelInfer call (over gRPC
+or HTTP), nv_inference_count counts the images inferred, nv_inference_exec_count the batches run, and a request's
+compute time is that of the batch it ran in.
 
 Label values are bounded: the method is one of our RPC names and the model one of the repository's (requests for
-unknown models are counted under "_unknown"), so a client cannot grow the series without limit.
+unknown models are counted under "_unknown", and not at all in Triton's families), so a client cannot grow the series
+without limit.
 """
 
+import asyncio
 import logging
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from service.gpu_metrics import gpu_collector
+from service.http.errors import ENDPOINTS, json_errors
+from service.http.site import start_site
 
 logger = logging.getLogger(__name__)
 
 UNKNOWN_MODEL = "_unknown"
+# Every served model has the one version "1" (service/servicers/kserve.py answers for it), the label Triton gives it.
+MODEL_VERSION = "1"
+# The RPCs that are inference requests in Triton's sense (the others are health and metadata calls).
+INFERENCE_METHODS = frozenset({"Classify", "ModelInfer"})
+# Triton's nv_inference_request_failure reasons, by the status code the request ended with.
+_FAILURE_REASON_OF_CODE = {
+    "RESOURCE_EXHAUSTED": "REJECTED",
+    "UNAVAILABLE": "REJECTED",
+    "CANCELLED": "CANCELED",
+    "DEADLINE_EXCEEDED": "CANCELED",
+    "INTERNAL": "BACKEND",
+}
 # From a digit image on one core (~1 ms) to a large batch of resnet50 on a busy CPU (seconds).
 _LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -22,6 +60,12 @@ class ServiceMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # The default registry's collectors read the process and interpreter afresh on every scrape: sharing is safe.
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            self.registry.register(collector)
+        gpus = gpu_collector()
+        if gpus is not None:
+            self.registry.register(gpus)
         self.requests = Counter(
             "resnet_requests",
             "RPCs answered, by model, method and status code",
@@ -60,36 +104,87 @@ class ServiceMetrics:
             "resnet_queue_depth", "Requests waiting in the model's batch queue", ["model"], registry=self.registry
         )
         self.model_ready = Gauge("resnet_model_ready", "1 when the model serves", ["model"], registry=self.registry)
+        self.triton = TritonMetrics(self.registry)
 
     def record_request(self, model: str, method: str, code: str, seconds: float) -> None:
         self.requests.labels(model, method, code).inc()
         self.request_latency.labels(model, method).observe(seconds)
+        if method in INFERENCE_METHODS and model not in ("", UNKNOWN_MODEL):
+            self.triton.record_request(model, code, seconds)
 
-    def record_queue_wait(self, model: str, queue_us: int) -> None:
+    def record_batched(self, model: str, queue_us: int, compute_us: int) -> None:
+        """One request's time in its model's batcher: its wait in the queue, and the compute time of its batch."""
         self.queue_latency.labels(model).observe(queue_us / 1e6)
+        self.triton.queue_us.labels(model, MODEL_VERSION).inc(queue_us)
+        self.triton.compute_infer_us.labels(model, MODEL_VERSION).inc(compute_us)
 
     def batch_observer(self, model: str) -> Callable[[int, int, int], None]:
         """The DynamicBatcher's on_batch(batch_size, queue_us, compute_us) callback for `model`."""
         batch_size = self.batch_size.labels(model)
         compute_latency = self.compute_latency.labels(model)
+        inferences = self.triton.inference_count.labels(model, MODEL_VERSION)
+        executions = self.triton.exec_count.labels(model, MODEL_VERSION)
 
         def on_batch(size: int, queue_us: int, compute_us: int) -> None:
             batch_size.observe(size)
             compute_latency.observe(compute_us / 1e6)
+            inferences.inc(size)
+            executions.inc()
 
         return on_batch
 
     def track_queue_depth(self, model: str, depth: Callable[[], int]) -> None:
         self.queue_depth.labels(model).set_function(depth)
 
-    def serve_http(self, host: str, port: int) -> Callable[[], None]:
-        """Starts the /metrics HTTP endpoint in a daemon thread; returns the function that stops it."""
-        http_server, thread = start_http_server(port, addr=host, registry=self.registry)
-        logger.info("metrics on http://%s:%d/metrics", host, http_server.server_port)
+    async def serve_http(self, host: str, port: int) -> web.AppRunner:
+        """Starts /metrics on host:port (OSError when it cannot bind); `cleanup()` the runner to stop it."""
+        runner = await start_site(metrics_app(self.registry), host, port, grace_s=1.0)
+        logger.info("metrics on http://%s:%d/metrics", host, port)
+        return runner
 
-        def close() -> None:
-            http_server.shutdown()
-            http_server.server_close()
-            thread.join()
 
-        return close
+class TritonMetrics:
+    """Triton's per-model inference families (see the module's docstring for why they are gauges)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        def family(name: str, help_text: str, *extra_labels: str) -> Gauge:
+            return Gauge(name, help_text, ["model", "version", *extra_labels], registry=registry)
+
+        self.success = family(
+            "nv_inference_request_success", "Number of successful inference requests, all batch sizes"
+        )
+        self.failure = family(
+            "nv_inference_request_failure", "Number of failed inference requests, all batch sizes", "reason"
+        )
+        self.inference_count = family("nv_inference_count", "Number of inferences performed (a batch of n counts n)")
+        self.exec_count = family("nv_inference_exec_count", "Number of model executions performed (batches run)")
+        self.request_us = family(
+            "nv_inference_request_duration_us", "Cumulative inference request duration in microseconds (queue included)"
+        )
+        self.queue_us = family(
+            "nv_inference_queue_duration_us", "Cumulative inference queuing duration in microseconds"
+        )
+        self.compute_infer_us = family(
+            "nv_inference_compute_infer_duration_us", "Cumulative compute inference duration in microseconds"
+        )
+
+    def record_request(self, model: str, code: str, seconds: float) -> None:
+        if code == "OK":
+            self.success.labels(model, MODEL_VERSION).inc()
+        else:
+            self.failure.labels(model, MODEL_VERSION, _FAILURE_REASON_OF_CODE.get(code, "OTHER")).inc()
+        self.request_us.labels(model, MODEL_VERSION).inc(seconds * 1e6)
+
+
+def metrics_app(registry: CollectorRegistry) -> web.Application:
+    """/metrics in Prometheus' text format; every other path 404, so a probe aimed at the wrong path fails."""
+
+    async def metrics(request: web.Request) -> web.Response:
+        # Collecting reads /proc and NVML: off the event loop, which serves inference.
+        text = await asyncio.get_running_loop().run_in_executor(None, generate_latest, registry)
+        return web.Response(body=text, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application(middlewares=[json_errors])
+    app[ENDPOINTS] = "this port serves /metrics only"
+    app.router.add_get("/metrics", metrics)
+    return app

@@ -64,9 +64,17 @@ class WireRequest:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {name} message") from None
 
 
+@dataclass(frozen=True)
+class Failure:
+    """How one call ended when it did not succeed: the status code and the message for the client."""
+
+    code: grpc.StatusCode
+    message: str
+
+
 _STATUS_OF_ERROR: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
-    (ModelNotReadyError, grpc.StatusCode.UNAVAILABLE),
+    (ModelNotReadyError, grpc.StatusCode.UNAVAILABLE),  # ModelLoadError too
     (BatcherStoppedError, grpc.StatusCode.UNAVAILABLE),
     (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ImageTooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -87,6 +95,16 @@ class CallScope:
         self, method: str, model: str, context: grpc.aio.ServicerContext, handler: Callable[[], Awaitable[T]]
     ) -> T:
         """Awaits `handler()` and returns its response, or aborts the RPC with the code its exception maps to."""
+        outcome = await self.attempt(method, model, context, handler)
+        if isinstance(outcome, Failure):
+            await context.abort(outcome.code, outcome.message)  # raises: the RPC ends with this status
+        return outcome
+
+    async def attempt(
+        self, method: str, model: str, context: grpc.aio.ServicerContext, handler: Callable[[], Awaitable[T]]
+    ) -> T | Failure:
+        """Awaits `handler()` and returns its response, or the Failure its exception maps to, leaving the RPC open:
+        a stream answers one of its requests with the failure and carries on."""
         started = time.perf_counter()
         request_id = _request_id(context)
         token = request_id_var.set(request_id)
@@ -107,7 +125,7 @@ class CallScope:
         finally:
             self._metrics.record_request(model_label, method, code.name, time.perf_counter() - started)
             request_id_var.reset(token)
-        await context.abort(code, message)  # raises: the RPC ends with this status
+        return Failure(code, message)
 
 
 class ScopedServicer(Protocol):

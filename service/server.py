@@ -1,4 +1,5 @@
-"""The gRPC server: Classifier, KServe v2 inference, health and reflection on one port, plus /metrics over HTTP.
+"""The gRPC server: Classifier, KServe v2 inference, health, reflection (v1, v1alpha) on one port; KServe v2 over
+HTTP/REST on another (service/http), and /metrics on a third, all on one event loop.
 
 Lifecycle: `start()` binds and answers at once while models load in the background (health NOT_SERVING until every
 model has settled and one is ready); `stop(grace)` turns health NOT_SERVING, refuses new RPCs, lets in-flight ones
@@ -9,22 +10,25 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 import models.kernel_cache
 from service._proto import classifier_pb2, grpc_service_pb2
 from service.auth import AuthConfigError, BearerTokenInterceptor, load_token
 from service.backends.base import AUTO_BACKEND
 from service.health import HealthServicer
+from service.http.app import kserve_http_app
+from service.http.site import start_site
 from service.metrics import ServiceMetrics
 from service.model_manager import ModelManager
+from service.reflection import enable_server_reflection
 from service.repository import DEFAULT_REPOSITORY, ModelConfig, load_repository
 from service.rpc import CallScope
 from service.servicers.classifier import ClassifierServicer
@@ -58,6 +62,7 @@ class ServerSettings:
     port: int = 50051
     metrics_port: int = 9100  # 0: no metrics endpoint
     metrics_host: str = ""  # "": the gRPC host; a scraper's network need not be the clients'
+    http_port: int = 8000  # KServe v2 over HTTP/REST; 0: none
     backend: str = AUTO_BACKEND
     model_repository: Path = DEFAULT_REPOSITORY
     grace_period_s: float = 10.0
@@ -85,7 +90,7 @@ class InferenceServer:
         self._draining = False
         self._server: grpc.aio.Server | None = None
         self._decode_executor: ThreadPoolExecutor | None = None
-        self._close_metrics: Callable[[], None] | None = None
+        self._http_runners: list[web.AppRunner] = []  # the KServe HTTP port and /metrics
 
     def is_ready(self) -> bool:
         """Every model settled, one ready, and every model the repository marks `required` ready."""
@@ -99,6 +104,10 @@ class InferenceServer:
             token = load_token(settings.auth_token, settings.auth_token_file)
         except AuthConfigError as error:
             raise ServerStartError(str(error)) from error
+        if token and settings.http_port:
+            # The token is checked by a gRPC interceptor; the HTTP/REST frontend has no check yet, and an open port
+            # beside an authenticated one would be a way around it.
+            raise ServerStartError("authentication covers gRPC only so far: with a token, set --http-port 0")
         for service_name in HEALTH_SERVICES:
             await self._health.set(service_name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self._decode_executor = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
@@ -124,23 +133,27 @@ class InferenceServer:
                 max_pixels=settings.max_pixels,
             ),
         )
-        add_servicer(
-            server,
-            _INFERENCE,
-            InferenceServicer(
-                self.models, scope, self.metrics, tensor_executor=self._decode_executor, is_ready=self.is_ready
-            ),
+        inference = InferenceServicer(
+            self.models, scope, self.metrics, tensor_executor=self._decode_executor, is_ready=self.is_ready
         )
+        add_servicer(server, _INFERENCE, inference)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (CLASSIFIER_SERVICE, INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        enable_server_reflection((CLASSIFIER_SERVICE, INFERENCE_SERVICE, health.SERVICE_NAME), server)
         try:
             port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+            if settings.http_port:
+                app = kserve_http_app(
+                    inference, self.models, self._decode_executor, max_body_bytes=settings.max_message_bytes
+                )
+                self._http_runners.append(
+                    await start_site(app, settings.host, settings.http_port, grace_s=settings.grace_period_s)
+                )
+                logger.info("KServe v2 HTTP/REST on %s:%d", settings.host, settings.http_port)
             if settings.metrics_port:
                 metrics_host = settings.metrics_host or settings.host
-                self._close_metrics = self.metrics.serve_http(metrics_host, settings.metrics_port)
-        except (RuntimeError, OSError) as error:  # grpc reports a taken port as RuntimeError, http.server as OSError
+                self._http_runners.append(await self.metrics.serve_http(metrics_host, settings.metrics_port))
+        except (RuntimeError, OSError) as error:  # grpc reports a taken port as RuntimeError, aiohttp as OSError
+            await self._stop_http()
             raise ServerStartError(f"cannot bind: {error}") from error
         await server.start()
         self._server = server
@@ -149,21 +162,25 @@ class InferenceServer:
         return port
 
     async def stop(self, grace_s: float) -> None:
-        """Health NOT_SERVING, no new RPCs, in-flight ones finish within `grace_s` (then are cancelled)."""
+        """Health NOT_SERVING, no new RPCs or HTTP requests, in-flight ones finish within `grace_s` (then are
+        cancelled)."""
         self._draining = True
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
-            await self._server.stop(grace_s)
+            # The HTTP ports drain alongside (their grace is the settings' grace period); /metrics goes with them.
+            await asyncio.gather(self._server.stop(grace_s), self._stop_http())
         # Only now: requests still in flight during the grace period need their batchers.
         await self.models.stop()
         if self._decode_executor is not None:
             self._decode_executor.shutdown(wait=False, cancel_futures=True)
-        if self._close_metrics is not None:
-            self._close_metrics()
         logger.info("stopped")
 
     def _count_unauthenticated(self, method: str) -> None:
         self.metrics.record_request("", method, grpc.StatusCode.UNAUTHENTICATED.name, 0.0)
+
+    async def _stop_http(self) -> None:
+        runners, self._http_runners = self._http_runners, []
+        await asyncio.gather(*(runner.cleanup() for runner in runners))
 
     async def _refresh_health(self) -> None:
         ready = self.is_ready()

@@ -35,14 +35,15 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
     async def Classify(
         self, request: classifier_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> classifier_pb2.ClassifyResponse:
-        model = self._models.ready_model(request.model)
-        top_k = resolve_top_k(request.top_k, model.output.num_classes)
-        # Decoding is CPU work (and Pillow releases the GIL): a thread pool, never the event loop.
-        image = await run_blocking(
-            self._decode_executor, decode_image, request.image, model.preprocessing, max_pixels=self._max_pixels
-        )
-        result = await model.batcher.submit(image.unsqueeze(0), deadline=deadline_of(context))
-        self._metrics.record_queue_wait(model.name, result.queue_us)
+        # In flight until the batcher has answered: an unload of the model waits for it.
+        async with self._models.serving(request.model) as model:
+            top_k = resolve_top_k(request.top_k, model.output.num_classes)
+            # Decoding is CPU work (and Pillow releases the GIL): a thread pool, never the event loop.
+            image = await run_blocking(
+                self._decode_executor, decode_image, request.image, model.preprocessing, max_pixels=self._max_pixels
+            )
+            result = await model.batcher.submit(image.unsqueeze(0), deadline=deadline_of(context))
+        self._metrics.record_batched(model.name, result.queue_us, result.compute_us)
         probabilities = torch.softmax(result.logits[0], dim=0)
         scores, indices = probabilities.topk(top_k)
         labels = model.output.labels

@@ -181,7 +181,12 @@ def test_services_ports_profiles_and_gpu_reservation(services: dict[str, dict]):
         assert services[name]["build"]["target"] == "server"
         assert published_ports(services[name]) == {
             int(flag_value(command, "--port")): 50051,
+            int(flag_value(command, "--http-port")): 8000,
             int(flag_value(command, "--metrics-port")): 9100,
+        }
+        # The image documents the ports the compose file publishes.
+        assert set(published_ports(services[name])) == {
+            int(port) for port in dockerfile_stage("server")["EXPOSE"].split()
         }
     assert services["server"]["command"] == services["server-cpu"]["command"]
     assert published_ports(services["locust-master"]) == {8089: 8089}
@@ -272,15 +277,22 @@ def test_services_run_as_local_processes(services: dict[str, dict], tmp_path: Pa
     """server-cpu serves, answers its image's HEALTHCHECK and Prometheus's scrape path, takes a headless Locust
     master and worker running the compose commands, and stops with exit 0 on SIGTERM."""
     service = services["server-cpu"]
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, http_port = free_port(), free_port(), free_port()
     entrypoint = json.loads(dockerfile_stage("server")["ENTRYPOINT"])
     command = with_flags(
         [*entrypoint, *service["command"]],
-        {"--host": "127.0.0.1", "--port": str(port), "--metrics-port": str(metrics_port)},
+        {
+            "--host": "127.0.0.1",
+            "--port": str(port),
+            "--metrics-port": str(metrics_port),
+            "--http-port": str(http_port),
+        },
     )
     environment = {**service["environment"], **CPU_ONLY, **OFFLINE, "TORCH_HOME": str(tmp_path / "torch")}
     log_path = tmp_path / "server.log"
-    server = ServerProcess(start(local_executable(command), environment, log_path), port, metrics_port, log_path)
+    server = ServerProcess(
+        start(local_executable(command), environment, log_path), port, metrics_port, log_path, http_port
+    )
     try:
         server.wait_until_serving(timeout_s=40)
         health = run_healthcheck(with_flags(healthcheck_command("server"), {"--address": server.address}))

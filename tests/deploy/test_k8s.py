@@ -80,6 +80,8 @@ def check_server_pod(pod_spec: dict, container_name: str, grpc_port_name: str) -
     assert ports[grpc_port_name] == settings.port
     if "metrics" in ports:
         assert ports["metrics"] == settings.metrics_port
+    if "http" in ports:
+        assert ports["http"] == settings.http_port
     assert settings.host == "0.0.0.0"  # probes and other pods reach it on the pod's address
 
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -130,6 +132,8 @@ def test_services_pdb_and_hpa_select_the_server_pods():
         assert {port["targetPort"] for port in service["ports"]} <= ports
         (grpc_port,) = (port for port in service["ports"] if port["name"] == "grpc")
         assert grpc_port["port"] == settings.port and grpc_port["appProtocol"] == "kubernetes.io/h2c"
+        (http_port,) = (port for port in service["ports"] if port["name"] == "http")  # KServe v2 over HTTP/REST
+        assert http_port["port"] == settings.http_port == 8000 and http_port["targetPort"] == "http"
     assert found["Service", "resnet-server-headless"]["spec"]["clusterIP"] == "None"
 
     assert found["PodDisruptionBudget", "resnet-server"]["spec"]["selector"]["matchLabels"] == labels

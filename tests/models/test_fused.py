@@ -130,7 +130,8 @@ def test_uint8_images_through_the_fused_stem_equal_normalize_then_eager(dtype):
         float_out = fused(normalize(images).float())  # float32 NCHW input is taken as normalized already
     assert_relative_close(out, ref, TOLERANCES[dtype], what=f"uint8 images {dtype}")
     assert_relative_close(float_out, ref, TOLERANCES[dtype], what=f"normalized float32 images {dtype}")
-    assert_same_top1(out, ref.float(), exact=dtype == torch.float32)
+    # One image: float32 must decide it; in bfloat16 the relative error above is the check, top-1 where decided.
+    assert_same_top1(out, ref.float(), dtype, min_decided=1 if dtype == torch.float32 else 0)
 
 
 def test_fuse_rejects_bad_normalization_and_images():
@@ -179,13 +180,9 @@ def test_fused_conv_runs_the_form_the_table_picks(conv, height, expected, monkey
     bn = torch.nn.BatchNorm2d(conv.out_channels).eval()
     fused = FusedConv(conv.eval(), bn, torch.float16, relu=True)
     ran = []
-    for name, module in (("conv1x1_tma", conv_forms.gemm_tma), ("conv_tma", conv_forms.taps_tma)):
-        original = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k: ran.append(_n) or _f(*a, **k))
-    original_pointer = conv_forms.conv_bn_act
-    monkeypatch.setattr(
-        conv_forms, "conv_bn_act", lambda *a, **k: ran.append("conv_bn_act") or original_pointer(*a, **k)
-    )
+    for name in ("conv1x1_tma", "conv_tma", "conv_bn_act"):
+        original = getattr(conv_forms, name)
+        monkeypatch.setattr(conv_forms, name, lambda *a, _f=original, _n=name, **k: ran.append(_n) or _f(*a, **k))
     x = torch.randn(1, conv.in_channels, height, height)
     with torch.inference_mode():
         out = fused(x.permute(0, 2, 3, 1).half().contiguous())

@@ -23,7 +23,7 @@ _DIGITS = {"arch": "digits_resnet", "input_size": 32, "backend": "eager"}
 def test_contract_defaults():
     settings, log_level = parse_settings([], environ={})
     assert settings == ServerSettings()
-    assert (settings.port, settings.metrics_port, settings.backend) == (50051, 9100, "auto")
+    assert (settings.port, settings.metrics_port, settings.http_port, settings.backend) == (50051, 9100, 8000, "auto")
     assert settings.model_repository == DEFAULT_REPOSITORY
     assert settings.max_message_bytes == 16 * 1024 * 1024
     assert settings.kernel_cache_dir is None  # nothing kept unless asked
@@ -36,6 +36,7 @@ def test_every_flag_comes_from_the_environment_and_a_flag_wins(tmp_path: Path):
         "RESNET_SERVE_PORT": "6000",
         "RESNET_SERVE_METRICS_PORT": "0",
         "RESNET_SERVE_METRICS_HOST": "127.0.0.2",
+        "RESNET_SERVE_HTTP_PORT": "8001",
         "RESNET_SERVE_BACKEND": "eager",
         "RESNET_SERVE_MODEL_REPOSITORY": str(tmp_path / "r.toml"),
         "RESNET_SERVE_GRACE_PERIOD": "2.5",
@@ -52,7 +53,7 @@ def test_every_flag_comes_from_the_environment_and_a_flag_wins(tmp_path: Path):
 
     settings, log_level = parse_settings([], environ=environ)
     assert settings == ServerSettings(
-        host="127.0.0.1", port=6000, metrics_port=0, metrics_host="127.0.0.2", backend="eager",
+        host="127.0.0.1", port=6000, metrics_port=0, metrics_host="127.0.0.2", http_port=8001, backend="eager",
         model_repository=tmp_path / "r.toml", grace_period_s=2.5, max_message_bytes=1000, max_pixels=77, queue_size=9,
         decode_threads=3, kernel_cache_dir=tmp_path / "kernels", auth_token_file=tmp_path / "token",
     )  # fmt: skip

@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import models
 from models import digits
@@ -172,15 +173,19 @@ def test_default_repository_offline_serves_digits_and_lists_resnet50_not_ready(t
         assert not models_by_name["resnet50"].ready
         assert "WeightsUnavailableError" in models_by_name["resnet50"].reason, models_by_name["resnet50"].reason
 
-        image = digits.load_split()[1].images[11]
-        (tmp_path / "digit.png").write_bytes(digits.to_png(image))
-        with torch.inference_mode():
-            expected = int(models.build("digits_resnet", "pretrained")(digits.preprocess_images(image[None])).argmax())
+        # The README's first call: the shipped scans, no --model (the first ready model, digits_resnet).
+        scans = sorted((REPO_ROOT / "examples" / "digits").glob("digit_*.png"))
+        assert len(scans) == 3
         completed = subprocess.run(
-            [sys.executable, "-m", "service.client", str(tmp_path / "digit.png"), "--model", "digits_resnet",
-             "--top-k", "2", "--address", server.address],
+            [sys.executable, "-m", "service.client", *map(str, scans), "--top-k", "2", "--address", server.address],
             cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert completed.returncode == 0, completed.stderr
-        first_prediction = completed.stdout.splitlines()[1].split()
-        assert first_prediction[1:] == [str(expected), f"({expected})"], completed.stdout
+        lines = completed.stdout.splitlines()
+        network = models.build("digits_resnet", "pretrained")
+        for scan, header, first_prediction in zip(scans, lines[0::3], lines[1::3], strict=True):
+            assert header.startswith(f"{scan}: digits_resnet,"), completed.stdout
+            with torch.inference_mode(), Image.open(scan) as image:
+                expected = int(network(digits.preprocess(image)[None]).argmax())
+            assert expected == int(scan.stem.removeprefix("digit_"))  # a real scan of the digit its name says
+            assert first_prediction.split()[1:] == [str(expected), f"({expected})"], completed.stdout

@@ -20,7 +20,7 @@ SNIPPET = textwrap.dedent(
     async def wrong(models: ModelManager, x: torch.Tensor) -> None:
         served = models.find("m")
         await served.batcher.submit(x)  # line 10: no model, in any state, has a batcher of its own
-        await served.state.loaded.batcher.submit(x)  # line 11: Loading and Failed hold nothing
+        await served.state.loaded.batcher.submit(x)  # line 11: Loading, Failed and Unloaded hold nothing
 
 
     async def right(models: ModelManager, x: torch.Tensor) -> None:
@@ -39,6 +39,8 @@ def test_mypy_refuses_a_batcher_that_may_not_exist(tmp_path: Path):
         [sys.executable, "-m", "mypy", "--no-error-summary", str(snippet)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-    errors = re.findall(r":(\d+): error: .*\[([a-z-]+)\]$", done.stdout, re.MULTILINE)  # (line, code)
+    # The snippet's own errors (line, code), by file name (mypy's cache may replay them under an earlier tmp_path);
+    # those in the modules it imports are the job of the project's own mypy run.
+    errors = re.findall(r"/snippet\.py:(\d+): error: .*\[([a-z-]+)\]$", done.stdout, re.MULTILINE)
     assert done.returncode == 1, done.stdout + done.stderr
-    assert errors == [("10", "attr-defined"), ("11", "union-attr"), ("11", "union-attr")], done.stdout
+    assert errors == [("10", "attr-defined"), *[("11", "union-attr")] * 3], done.stdout

@@ -1,7 +1,8 @@
 """The typed model lifecycle, in process: ModelManager with a stand-in loader (fast), then once with the real one.
 
-Loading -> Ready(Loaded) / Failed(reason) -> Draining, the readiness gauge, the batcher given the backend's preferred
-batch sizes. tests/service/test_lifecycle.py checks start-up and shutdown end to end through a subprocess.
+Loading -> Ready(Loaded) / Failed(reason) -> Draining (-> Unloaded -> Loading, a client's unload and load), the
+readiness gauge, the batcher given the backend's preferred batch sizes. tests/service/test_lifecycle.py checks
+start-up and shutdown end to end through a subprocess.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from models import digits
 from models.precision import FLOAT32
 from models.pretrained import WeightsUnavailableError
 from service.batcher import BatcherStoppedError
-from service.lifecycle import Draining, Failed, Loaded, Loading, OutputSpec, Ready, ServedModel
+from service.lifecycle import Draining, Failed, Loaded, Loading, OutputSpec, Ready, ServedModel, Unloaded
 from service.metrics import ServiceMetrics
 from service.model_loader import ModelParts
-from service.model_manager import ModelManager, ModelNotFoundError, ModelNotReadyError
+from service.model_manager import ModelLoadError, ModelManager, ModelNotFoundError, ModelNotReadyError
 from service.repository import ModelConfig
 from tests.support.numerics import CROSS_BACKEND_TOLERANCE, assert_relative_close
 
@@ -163,6 +164,86 @@ def test_a_model_whose_batcher_cannot_start_fails_with_the_reason():
     asyncio.run(main())
 
 
+def test_unload_drains_queued_work_then_refuses_and_load_serves_again():
+    backend = FakeBackend(hold=True)
+    harness = Harness({"busy": parts_of(backend)})
+    manager = harness.manager
+
+    async def main():
+        manager.start_loading()
+        await harness.settle()
+        queued = manager.ready_model("busy")
+        in_flight = asyncio.create_task(queued.batcher.submit(torch.randn(1, 3, 4, 4)))
+        await asyncio.to_thread(backend.running.wait, 10)
+        unloading = asyncio.create_task(manager.unload("busy"))
+        await wait_until(lambda: isinstance(manager.find("busy").state, Draining))
+        with pytest.raises(ModelNotReadyError, match="'busy' is not ready: draining"):
+            manager.ready_model("busy")
+        with pytest.raises(ModelNotReadyError, match="draining; load it once that has finished"):
+            await manager.load("busy")
+        backend.release.set()
+        assert (await in_flight).logits.shape == (1, CLASSES)  # answered before the unload finished
+        await unloading
+        assert manager.find("busy").state == Unloaded() and harness.ready_gauge("busy") == 0
+        assert manager.settled  # still: the server stays ready through a client's unload and load
+        with pytest.raises(ModelNotReadyError, match="'busy' is not ready: unloaded"):
+            manager.ready_model("busy")
+        await manager.unload("busy")  # nothing left to unload: not an error
+
+        await manager.load("busy")
+        reloaded = manager.ready_model("busy")
+        assert reloaded is not queued and harness.ready_gauge("busy") == 1
+        assert (await reloaded.batcher.submit(torch.randn(2, 3, 4, 4))).logits.shape == (2, CLASSES)
+        await manager.load("busy")  # already serving: nothing to do
+        assert manager.ready_model("busy") is reloaded
+        with pytest.raises(ModelNotFoundError, match="no model named 'typo'"):
+            await manager.unload("typo")
+        await manager.stop()
+
+    asyncio.run(main())
+
+
+def test_unload_waits_for_requests_in_flight_before_it_stops_the_batcher():
+    harness = Harness({"m": parts_of(FakeBackend())})
+    manager = harness.manager
+
+    async def main():
+        manager.start_loading()
+        await harness.settle()
+        async with manager.serving("m") as loaded:  # a request still decoding its input
+            unloading = asyncio.create_task(manager.unload("m"))
+            await wait_until(lambda: isinstance(manager.find("m").state, Draining))
+            with pytest.raises(ModelNotReadyError, match="draining"):
+                async with manager.serving("m"):
+                    pass
+            await asyncio.sleep(0.05)
+            assert not unloading.done()
+            # Its batcher still runs for it.
+            assert (await loaded.batcher.submit(torch.randn(1, 3, 4, 4))).logits.shape == (1, CLASSES)
+        await asyncio.wait_for(unloading, 10)
+        assert manager.find("m").state == Unloaded()
+        with pytest.raises(BatcherStoppedError):
+            await loaded.batcher.submit(torch.randn(1, 3, 4, 4))
+        await manager.stop()
+
+    asyncio.run(main())
+
+
+def test_a_load_that_fails_raises_its_reason_and_leaves_the_model_failed():
+    harness = Harness({"bad": WeightsUnavailableError("no checkpoint offline")})
+    manager = harness.manager
+
+    async def main():
+        manager.start_loading()
+        await harness.settle()
+        with pytest.raises(ModelLoadError, match="'bad' failed to load: WeightsUnavailableError: no checkpoint"):
+            await manager.load("bad")
+        assert isinstance(manager.find("bad").state, Failed)
+        await manager.stop()
+
+    asyncio.run(main())
+
+
 def test_stop_drains_ready_models_finishing_queued_work_and_refusing_new():
     backend = FakeBackend(hold=True)
     harness = Harness({"busy": parts_of(backend)})
@@ -211,7 +292,8 @@ LOADED = Loaded("m", FLOAT32, FakeBackend(), None, digits.INPUT, OutputSpec(("a"
     [
         (Loading(), Draining(LOADED)),
         (Failed("x"), Ready(LOADED)),
-        (Failed("x"), Loading()),
+        (Draining(LOADED), Loading()),  # a model reloads only once it is Unloaded
+        (Unloaded(), Ready(LOADED)),  # through Loading only
         (Ready(LOADED), Loading()),
         (Ready(LOADED), Failed("x")),
         (Draining(LOADED), Ready(LOADED)),

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 from service import protogen
-from service._proto import grpc_service_pb2
+from service._proto import grpc_service_pb2, model_config_pb2
 
 _DUMP_TRITON_DESCRIPTORS = """
 import json
-from tritonclient.grpc import service_pb2
+from tritonclient.grpc import model_config_pb2, service_pb2
 
 def fields(message):
     return {f.name: [f.number, f.type, f.is_repeated, f.message_type.full_name if f.message_type else ""]
@@ -24,8 +24,9 @@ def walk(message, out):
         walk(nested, out)
 
 messages = {}
-for message in service_pb2.DESCRIPTOR.message_types_by_name.values():
-    walk(message, messages)
+for module in (service_pb2, model_config_pb2):
+    for message in module.DESCRIPTOR.message_types_by_name.values():
+        walk(message, messages)
 service = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 methods = {m.name: [m.input_type.full_name, m.output_type.full_name] for m in service.methods}
 print(json.dumps({"package": service_pb2.DESCRIPTOR.package, "service": service.full_name,
@@ -48,8 +49,9 @@ def _our_messages() -> dict[str, dict[str, list]]:
         for nested in message.nested_types:
             walk(nested)
 
-    for message in grpc_service_pb2.DESCRIPTOR.message_types_by_name.values():
-        walk(message)
+    for module in (grpc_service_pb2, model_config_pb2):
+        for message in module.DESCRIPTOR.message_types_by_name.values():
+            walk(message)
     return out
 
 
@@ -58,6 +60,7 @@ def test_committed_stubs_match_the_protos(tmp_path: Path):
     assert {path.name for path in generated} == {
         "classifier_pb2.py", "classifier_pb2.pyi", "classifier_pb2_grpc.py",
         "grpc_service_pb2.py", "grpc_service_pb2.pyi", "grpc_service_pb2_grpc.py",
+        "model_config_pb2.py", "model_config_pb2.pyi", "model_config_pb2_grpc.py",
     }  # fmt: skip
     committed_dir = protogen.REPO_ROOT / protogen.STUB_PACKAGE_PATH
     stale = [path.name for path in generated if path.read_bytes() != (committed_dir / path.name).read_bytes()]
@@ -74,6 +77,8 @@ def test_inference_proto_is_wire_compatible_with_tritonclient():
 
     assert grpc_service_pb2.DESCRIPTOR.package == triton["package"] == "inference"
     assert service.full_name == triton["service"]
+    # Every RPC of Triton's service is declared (the unsupported ones answer UNIMPLEMENTED with a reason).
+    assert {method.name for method in service.methods} == set(triton["methods"])
     for method in service.methods:
         assert [method.input_type.full_name, method.output_type.full_name] == triton["methods"][method.name]
     for name, fields in ours.items():

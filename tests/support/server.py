@@ -65,6 +65,11 @@ class ServerProcess:
     port: int
     metrics_port: int
     log_path: Path
+    http_port: int = 0  # KServe v2 HTTP/REST; 0: not served
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     @property
     def address(self) -> str:
@@ -122,9 +127,9 @@ def start_server(
 ) -> ServerProcess:
     """`python -m service` on free ports with `args` appended, in this environment updated with `env` and without
     `unset_env`; call wait_until_serving before using it."""
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, http_port = free_port(), free_port(), free_port()
     command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--metrics-port", str(metrics_port), "--log-level", "INFO"]
+    command += ["--metrics-port", str(metrics_port), "--http-port", str(http_port), "--log-level", "INFO"]
     if repository is not None:
         command += ["--model-repository", str(repository)]
     environment = {key: value for key, value in {**os.environ, **(env or {})}.items() if key not in unset_env}
@@ -133,7 +138,7 @@ def start_server(
         process = subprocess.Popen(
             [*command, *args], cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=environment
         )
-    return ServerProcess(process, port, metrics_port, log_path)
+    return ServerProcess(process, port, metrics_port, log_path, http_port)
 
 
 @contextlib.contextmanager
