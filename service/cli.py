@@ -17,6 +17,8 @@ from service.server import ServerSettings, ServerStartError, serve
 logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "RESNET_SERVE_"
+# The bearer token itself comes only from the environment: a flag's value would show in every process listing.
+AUTH_TOKEN_ENV = ENV_PREFIX + "AUTH_TOKEN"
 _DEFAULTS = ServerSettings()
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -59,8 +61,9 @@ def _one_of(choices: Sequence[str]):
 
 # (flag, type, default, help); the settings field and the environment variable follow from the flag's name.
 _FLAGS = (
-    ("--host", str, _DEFAULTS.host, "address to bind (gRPC, HTTP and metrics)"),
+    ("--host", str, _DEFAULTS.host, "address to bind gRPC and HTTP (and metrics, unless --metrics-host is set)"),
     ("--port", _port, _DEFAULTS.port, "gRPC port (0: any free port)"),
+    ("--metrics-host", str, _DEFAULTS.metrics_host, "address to bind the metrics endpoint; empty: --host"),
     ("--metrics-port", _port, _DEFAULTS.metrics_port, "Prometheus /metrics HTTP port; 0 disables it"),
     ("--http-port", _port, _DEFAULTS.http_port, "KServe v2 HTTP/REST port; 0 disables it"),
     (
@@ -82,6 +85,13 @@ _FLAGS = (
         "",
         "directory keeping compiled Triton kernels and autotune results across restarts, one subdirectory per card, "
         "driver, torch and Triton version; empty: results are not kept and every start re-tunes",
+    ),
+    (
+        "--auth-token-file",
+        _optional_path,
+        "",
+        f"file whose first line is the bearer token every call but health must carry (or set {AUTH_TOKEN_ENV}); "
+        "empty: no authentication",
     ),
 )
 
@@ -112,6 +122,7 @@ def parse_settings(
         host=args.host,
         port=args.port,
         metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         http_port=args.http_port,
         backend=args.backend,
         model_repository=args.model_repository,
@@ -121,6 +132,8 @@ def parse_settings(
         queue_size=args.queue_size,
         decode_threads=args.decode_threads,
         kernel_cache_dir=args.kernel_cache_dir,
+        auth_token_file=args.auth_token_file,
+        auth_token=environ.get(AUTH_TOKEN_ENV) or None,
     )
     return settings, args.log_level
 
@@ -129,8 +142,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings, log_level = parse_settings(argv)
     configure_logging(log_level)
     try:
-        asyncio.run(serve(settings))
+        finished = asyncio.run(serve(settings))
     except (RepositoryError, ServerStartError) as error:
         logger.error("cannot serve: %s", error)
         return 1
+    if not finished:
+        # Every request has been answered and every batcher stopped; only a model load is left, in native code that
+        # interpreter finalization would abort under. Nothing of it is kept, so exit at once with the normal code.
+        logging.shutdown()
+        os._exit(0)
     return 0

@@ -1,6 +1,8 @@
 """`python -m service.healthcheck`: exit 0 when the server's grpc.health.v1 answers SERVING, else 1.
 
-For container healthchecks (docker/Dockerfile); asks the overall service ("") unless --service names one.
+For container healthchecks (docker/Dockerfile); asks the overall service ("") unless --service names one. The server
+says SERVING only once every model has settled, one is ready and every model its repository marks `required` is
+ready (service/server.py `is_ready`), so this fails while a required model is loading or failed to load.
 """
 
 import argparse

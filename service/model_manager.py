@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from models.pretrained import WeightsUnavailableError
 from service.backends import BackendUnavailableError, LaunchesBatches, resolve_backend_kind
 from service.batcher import DynamicBatcher
+from service.echo import echo
 from service.lifecycle import Draining, Failed, Loaded, Loading, ModelState, Ready, ServedModel, Unloaded
 from service.metrics import ServiceMetrics
 from service.model_loader import ModelParts, load_model_parts
@@ -85,6 +86,7 @@ class ModelManager:
         self._in_flight: Counter[str] = Counter()  # requests inside `serving(name)`, by model
         self._in_flight_changed = asyncio.Condition()
         self._stopped = False
+        self._loader: threading.Thread | None = None
         for name in self._models:
             metrics.model_ready.labels(name).set(0)
 
@@ -102,6 +104,11 @@ class ModelManager:
     def any_ready(self) -> bool:
         return any(model.ready for model in self._models.values())
 
+    @property
+    def required_not_ready(self) -> list[str]:
+        """The models the repository marks `required` that are not ready."""
+        return [model.name for model in self._models.values() if model.config.required and not model.ready]
+
     def is_known(self, name: str) -> bool:
         return name in self._models
 
@@ -109,7 +116,7 @@ class ModelManager:
         try:
             return self._models[name]
         except KeyError:
-            raise ModelNotFoundError(f"no model named {name!r}; models: {', '.join(self._models)}") from None
+            raise ModelNotFoundError(f"no model named {echo(name)}; models: {', '.join(self._models)}") from None
 
     def ready_model(self, name: str) -> Loaded:
         """What model `name` loaded, while it serves; ModelNotFoundError or ModelNotReadyError otherwise."""
@@ -134,7 +141,20 @@ class ModelManager:
     def start_loading(self) -> None:
         """Starts the loader thread and returns at once."""
         loop = asyncio.get_running_loop()
-        threading.Thread(target=self._load_all, args=(loop,), name="model-loader", daemon=True).start()
+        self._loader = threading.Thread(target=self._load_all, args=(loop,), name="model-loader", daemon=True)
+        self._loader.start()
+
+    async def wait_for_loader(self, timeout_s: float) -> bool:
+        """After `stop`: waits up to `timeout_s` for the model being loaded to finish (no other one starts); True when
+        the loader thread has ended."""
+        loader = self._loader
+        if loader is None:
+            return True
+        await asyncio.to_thread(loader.join, timeout_s)
+        if loader.is_alive():
+            loading = [model.name for model in self._models.values() if isinstance(model.state, Loading)]
+            logger.warning("still loading %s after %.1f s; leaving it unfinished", ", ".join(loading), timeout_s)
+        return not loader.is_alive()
 
     async def load(self, name: str) -> None:
         """Loads model `name` of the repository again after an unload or a failure; nothing to do when it serves.

@@ -2,9 +2,9 @@
 
 This is the boundary where the file's strings become typed values, once: `load_repository` returns validated
 `ModelConfig` entries, and nothing past it parses a repository string again. Parsing checks names, types and ranges
-only, so a typo stops the server at start with a clear message. Whatever needs files or the network (weights, label
-files) is left to loading, where a failure marks just that model not ready. Relative paths are relative to the TOML
-file.
+only, so a typo stops the server at start with a message naming the file, the table and the key. Whatever needs
+files or the network (weights, label files) is left to loading, where a failure marks just that model not ready.
+Relative paths are relative to the TOML file. `required = true` marks a model the server is not ready without.
 """
 
 import re
@@ -46,6 +46,7 @@ class ModelConfig:
     max_queue_size: int | None = None
     precision: Precision = FLOAT32
     bucket_policy: BucketPolicy = BucketPolicy.COST  # where batches close among the backend's graph buckets
+    required: bool = False  # the server is not ready (health NOT_SERVING) unless this model is
 
 
 _STRING_KEYS = {"arch", "weights", "labels", "backend", "dtype", "bucket_policy"}
@@ -57,7 +58,8 @@ _INT_MINIMUMS = {
     "seed": 0,
     "max_queue_size": 1,
 }
-_KNOWN_KEYS = _STRING_KEYS | set(_INT_MINIMUMS)
+_BOOL_KEYS = {"required"}
+_KNOWN_KEYS = _STRING_KEYS | _BOOL_KEYS | set(_INT_MINIMUMS)
 
 
 def load_repository(path: Path) -> list[ModelConfig]:
@@ -74,11 +76,12 @@ def load_repository(path: Path) -> list[ModelConfig]:
     tables = document.get("models", {})
     if not isinstance(tables, dict) or not tables:
         raise RepositoryError(f"{path}: no models; add at least one [models.NAME] table")
-    return [_parse_model(name, table, path.parent) for name, table in tables.items()]
+    return [_parse_model(name, table, path) for name, table in tables.items()]
 
 
-def _parse_model(name: str, table: object, base_dir: Path) -> ModelConfig:
-    where = f"[models.{name}]"
+def _parse_model(name: str, table: object, path: Path) -> ModelConfig:
+    where = f"{path}: [models.{name}]"
+    base_dir = path.parent
     if not _NAME_PATTERN.fullmatch(name):
         raise RepositoryError(f"{where}: a model name is 1-64 letters, digits, '_', '.', '-', starting alphanumeric")
     if not isinstance(table, dict):
@@ -92,22 +95,29 @@ def _parse_model(name: str, table: object, base_dir: Path) -> ModelConfig:
         if key in _STRING_KEYS:
             if not isinstance(value, str):
                 raise RepositoryError(f"{where}: {key} must be a string, got {value!r}")
+        elif key in _BOOL_KEYS:
+            if not isinstance(value, bool):
+                raise RepositoryError(f"{where}: {key} must be true or false, got {value!r}")
         elif type(value) is not int or value < _INT_MINIMUMS[key]:  # type(): TOML booleans are not sizes
             raise RepositoryError(f"{where}: {key} must be an integer >= {_INT_MINIMUMS[key]}, got {value!r}")
     if table["arch"] not in models.MODEL_NAMES:
         raise RepositoryError(f"{where}: unknown arch {table['arch']!r}; known: {', '.join(models.MODEL_NAMES)}")
     if table.get("backend", AUTO_BACKEND) not in BACKEND_CHOICES:
-        raise RepositoryError(f"{where}: backend must be one of {', '.join(BACKEND_CHOICES)}")
+        raise RepositoryError(f"{where}: backend must be one of {', '.join(BACKEND_CHOICES)}, got {table['backend']!r}")
 
     values = dict(table)
     try:
         precision = parse_precision(values.pop("dtype", FLOAT32.name))
     except ValueError:
-        raise RepositoryError(f"{where}: dtype must be one of {', '.join(PRECISIONS)}") from None
+        raise RepositoryError(
+            f"{where}: dtype must be one of {', '.join(PRECISIONS)}, got {table['dtype']!r}"
+        ) from None
     try:
         bucket_policy = BucketPolicy(values.pop("bucket_policy", BucketPolicy.COST))
     except ValueError:
-        raise RepositoryError(f"{where}: bucket_policy must be one of {', '.join(BucketPolicy)}") from None
+        raise RepositoryError(
+            f"{where}: bucket_policy must be one of {', '.join(BucketPolicy)}, got {table['bucket_policy']!r}"
+        ) from None
     if values.get("weights", "pretrained") not in ("pretrained", "random"):
         values["weights"] = str(base_dir / values["weights"])
     if values.get("labels") is not None and values["labels"] not in BUILTIN_LABELS:

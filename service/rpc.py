@@ -14,14 +14,16 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, cast
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from service.batcher import BatcherStoppedError, BatchTooLargeError, DeadlineExceededError, QueueFullError
+from service.echo import bounded, echo
 from service.log import request_id_var
 from service.metrics import UNKNOWN_MODEL, ServiceMetrics
 from service.model_manager import ModelNotFoundError, ModelNotReadyError
@@ -31,10 +33,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 REQUEST_ID_KEY = "x-request-id"
-# A client's deadline runs from when it sends, ours from when the request arrives: the cancellation a client sends
-# when its deadline passes reaches us with up to the request's transit time still left on our clock (hundreds of ms
-# on a loaded host). A cancellation that close to our deadline is that deadline passing, not the client giving up.
-DEADLINE_SKEW_S = 0.5
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
@@ -44,6 +42,26 @@ class RpcError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+@dataclass(frozen=True)
+class WireRequest:
+    """A unary request as it came off the wire (service/wire.py): the messages the client sent, still bytes, parsed
+    by `@rpc_handler` where the scope maps errors, so garbage or a missing message gets INVALID_ARGUMENT like any
+    other mistake. Holds at most two messages: one more than a unary call may carry is enough to refuse it."""
+
+    messages: Sequence[bytes]
+    message_type: type[Message]
+
+    def parse(self) -> Message:
+        name = self.message_type.DESCRIPTOR.full_name
+        if len(self.messages) != 1:
+            sent = "no message" if not self.messages else "more than one message"
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"the call sent {sent}; it takes exactly one {name}")
+        try:
+            return self.message_type.FromString(self.messages[0])
+        except DecodeError:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {name} message") from None
 
 
 @dataclass(frozen=True)
@@ -92,15 +110,15 @@ class CallScope:
         token = request_id_var.set(request_id)
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
         model_label = model if self._is_known_model(model) else (UNKNOWN_MODEL if model else "")
+        timeout = context.time_remaining()
         code = grpc.StatusCode.OK
         try:
             return await handler()
         except asyncio.CancelledError:
             # The client went away or its deadline passed; gRPC has already answered it.
-            remaining = context.time_remaining()
-            expired = remaining is not None and remaining <= DEADLINE_SKEW_S
+            expired = deadline_passed(context.time_remaining(), timeout)
             code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
-            logger.info("%s %s: %s", method, model, code.name)
+            logger.info("%s %s: %s", method, echo(model), code.name)
             raise
         except Exception as error:
             code, message = _status_of(error, method, model, request_id)
@@ -129,12 +147,43 @@ def rpc_handler(model_of: Callable[[Any], str] | None = None) -> Callable[[Handl
 
         @functools.wraps(handler)
         async def scoped(servicer: ScopedServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            scope = servicer.call_scope
+            if isinstance(request, WireRequest):
+                try:
+                    request = request.parse()
+                except RpcError as error:  # answered by the scope like any mistake, under no model
+                    return await scope.run(method, "", context, functools.partial(_reraise, error))
             model = "" if model_of is None else model_of(request)
-            return await servicer.call_scope.run(method, model, context, lambda: handler(servicer, request, context))
+            return await scope.run(method, model, context, lambda: handler(servicer, request, context))
 
+        scoped.__rpc_scoped__ = True  # type: ignore[attr-defined]
         return cast(HandlerT, scoped)
 
     return decorate
+
+
+def is_scoped(behaviour: object) -> bool:
+    """Whether `behaviour` (a bound servicer method) was decorated with `@rpc_handler`."""
+    return getattr(behaviour, "__rpc_scoped__", False) is True
+
+
+async def _reraise(error: Exception) -> None:
+    raise error
+
+
+def deadline_passed(remaining: float | None, timeout: float | None) -> bool:
+    """Whether a call cancelled with `remaining` seconds left on our clock, of the `timeout` it arrived with, was
+    cancelled by its deadline rather than by its client.
+
+    The client's deadline is not on the wire: the grpc-timeout header carries the time left when the client sent, and
+    gRPC rounds it up to a coarser unit to fit 8 digits (1 ms under 1 s, 10 ms under 10 s, 100 ms under 100 s, ...;
+    at most 1% + 1 ms, src/core/lib/transport/timeout_encoding.cc). So our deadline may fall up to that much after
+    the client's, and the cancellation its deadline causes reaches us with that much left. Anything earlier is the
+    client cancelling.
+    """
+    if remaining is None or timeout is None:
+        return False
+    return remaining <= 0.01 * timeout + 0.001
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -158,10 +207,11 @@ def _status_of(error: Exception, method: str, model: str, request_id: str) -> tu
     else:
         code = next((code for error_type, code in _STATUS_OF_ERROR if isinstance(error, error_type)), None)
     if code is None:
-        logger.exception("%s %s failed", method, model)
+        logger.exception("%s %s failed", method, echo(model))
         return grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})"
-    logger.info("%s %s: %s: %s", method, model, code.name, error)
-    return code, str(error)
+    message = bounded(str(error))
+    logger.info("%s %s: %s: %s", method, echo(model), code.name, message)
+    return code, message
 
 
 def _request_id(context: grpc.aio.ServicerContext) -> str:

@@ -9,9 +9,10 @@ finish within `grace` seconds, then drains the batchers. `serve()` runs that bet
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -19,8 +20,10 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import models.kernel_cache
-from service._proto import classifier_pb2, classifier_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
+from service._proto import classifier_pb2, grpc_service_pb2
+from service.auth import AuthConfigError, BearerTokenInterceptor, load_token
 from service.backends.base import AUTO_BACKEND
+from service.health import HealthServicer
 from service.http.app import kserve_http_app
 from service.http.site import start_site
 from service.metrics import ServiceMetrics
@@ -31,17 +34,25 @@ from service.repository import DEFAULT_REPOSITORY, ModelConfig, load_repository
 from service.rpc import CallScope
 from service.servicers.classifier import ClassifierServicer
 from service.servicers.kserve import InferenceServicer
+from service.wire import add_servicer
 
 logger = logging.getLogger(__name__)
 
-CLASSIFIER_SERVICE = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
-INFERENCE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+_CLASSIFIER = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"]
+_INFERENCE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+CLASSIFIER_SERVICE = _CLASSIFIER.full_name
+INFERENCE_SERVICE = _INFERENCE.full_name
+# Identity only: gRPC inflates a compressed message whole before it checks the size limit, so a 254 KiB gzip request
+# cost 250 MiB of memory before being refused. Compressed requests get UNIMPLEMENTED ("Compression algorithm 'gzip'
+# is disabled") before their message is read; clients that compress by default negotiate identity from the
+# grpc-accept-encoding the server sends.
+_IDENTITY_ONLY = 1
 # "" is the whole server, as grpc.health.v1 defines it.
 HEALTH_SERVICES = ("", CLASSIFIER_SERVICE, INFERENCE_SERVICE)
 
 
 class ServerStartError(RuntimeError):
-    """A port could not be bound, or the kernel cache directory could not be made."""
+    """A port could not be bound, the kernel cache directory could not be made, or the auth token file read."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +62,7 @@ class ServerSettings:
     host: str = "0.0.0.0"
     port: int = 50051
     metrics_port: int = 9100  # 0: no metrics endpoint
+    metrics_host: str = ""  # "": the gRPC host; a scraper's network need not be the clients'
     http_port: int = 8000  # KServe v2 over HTTP/REST; 0: none
     backend: str = AUTO_BACKEND
     model_repository: Path = DEFAULT_REPOSITORY
@@ -60,6 +72,8 @@ class ServerSettings:
     queue_size: int = 256
     decode_threads: int = 2
     kernel_cache_dir: Path | None = None  # Triton's compiled kernels and autotune results; None: not kept
+    auth_token_file: Path | None = None  # service/auth.py; neither this nor auth_token: authentication off
+    auth_token: str | None = field(default=None, repr=False)  # from the environment only, never a flag (ps shows argv)
 
 
 class InferenceServer:
@@ -77,31 +91,45 @@ class InferenceServer:
             on_change=self._refresh_health,
             load_parts=load_parts,
         )
-        self._health = health.aio.HealthServicer()
+        self._health = HealthServicer()
         self._draining = False
         self._server: grpc.aio.Server | None = None
         self._decode_executor: ThreadPoolExecutor | None = None
         self._http_runners: list[web.AppRunner] = []  # the KServe HTTP port and /metrics
 
     def is_ready(self) -> bool:
-        return not self._draining and self.models.settled and self.models.any_ready
+        """Every model settled, one ready, and every model the repository marks `required` ready."""
+        models = self.models
+        return not self._draining and models.settled and models.any_ready and not models.required_not_ready
 
     async def start(self) -> int:
         """Binds, starts serving and starts loading the models; returns the bound gRPC port."""
         settings = self._settings
+        try:
+            token = load_token(settings.auth_token, settings.auth_token_file)
+        except AuthConfigError as error:
+            raise ServerStartError(str(error)) from error
+        if token and settings.http_port:
+            # The token is checked by a gRPC interceptor; the HTTP/REST frontend has no check yet, and an open port
+            # beside an authenticated one would be a way around it.
+            raise ServerStartError("authentication covers gRPC only so far: with a token, set --http-port 0")
         for service_name in HEALTH_SERVICES:
             await self._health.set(service_name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self._decode_executor = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         scope = CallScope(self.metrics, self.models.is_known)
         server = grpc.aio.server(
+            interceptors=[BearerTokenInterceptor(token, self._count_unauthenticated)] if token else [],
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 # Without this a second server on the same port would silently share it.
                 ("grpc.so_reuseport", 0),
-            ]
+                ("grpc.compression_enabled_algorithms_bitset", _IDENTITY_ONLY),
+            ],
         )
-        classifier_pb2_grpc.add_ClassifierServicer_to_server(
+        add_servicer(
+            server,
+            _CLASSIFIER,
             ClassifierServicer(
                 self.models,
                 scope,
@@ -109,12 +137,11 @@ class InferenceServer:
                 decode_executor=self._decode_executor,
                 max_pixels=settings.max_pixels,
             ),
-            server,
         )
         inference = InferenceServicer(
             self.models, scope, self.metrics, tensor_executor=self._decode_executor, is_ready=self.is_ready
         )
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
+        add_servicer(server, _INFERENCE, inference)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         enable_server_reflection((CLASSIFIER_SERVICE, INFERENCE_SERVICE, health.SERVICE_NAME), server)
         try:
@@ -128,13 +155,14 @@ class InferenceServer:
                 )
                 logger.info("KServe v2 HTTP/REST on %s:%d", settings.host, settings.http_port)
             if settings.metrics_port:
-                self._http_runners.append(await self.metrics.serve_http(settings.host, settings.metrics_port))
+                metrics_host = settings.metrics_host or settings.host
+                self._http_runners.append(await self.metrics.serve_http(metrics_host, settings.metrics_port))
         except (RuntimeError, OSError) as error:  # grpc reports a taken port as RuntimeError, aiohttp as OSError
             await self._stop_http()
             raise ServerStartError(f"cannot bind: {error}") from error
         await server.start()
         self._server = server
-        logger.info("gRPC on %s:%d", settings.host, port)
+        logger.info("gRPC on %s:%d%s", settings.host, port, "; bearer token required but for health" if token else "")
         self.models.start_loading()
         return port
 
@@ -152,6 +180,9 @@ class InferenceServer:
             self._decode_executor.shutdown(wait=False, cancel_futures=True)
         logger.info("stopped")
 
+    def _count_unauthenticated(self, method: str) -> None:
+        self.metrics.record_request("", method, grpc.StatusCode.UNAUTHENTICATED.name, 0.0)
+
     async def _stop_http(self) -> None:
         runners, self._http_runners = self._http_runners, []
         await asyncio.gather(*(runner.cleanup() for runner in runners))
@@ -162,7 +193,13 @@ class InferenceServer:
         for service_name in HEALTH_SERVICES:
             await self._health.set(service_name, status)
         if self.models.settled:
-            logger.info("all models settled; server %s", "ready" if ready else "NOT ready: no model could load")
+            if ready:
+                logger.info("all models settled; server ready")
+            elif self.models.required_not_ready:
+                logger.error("all models settled; server NOT ready: required %s not ready",
+                             ", ".join(self.models.required_not_ready))  # fmt: skip
+            else:
+                logger.info("all models settled; server NOT ready: no model could load")
 
 
 def use_kernel_cache(root: Path) -> None:
@@ -173,8 +210,11 @@ def use_kernel_cache(root: Path) -> None:
         raise ServerStartError(f"--kernel-cache-dir {root}: {error}") from error
 
 
-async def serve(settings: ServerSettings) -> None:
-    """Runs the server until SIGTERM or SIGINT, then shuts it down gracefully."""
+async def serve(settings: ServerSettings) -> bool:
+    """Runs the server until SIGTERM or SIGINT, then shuts it down gracefully. False when a model was still loading
+    at the end of the grace period: the loader thread is then inside torch or onnxruntime native code, which the
+    interpreter's own shutdown would abort under ("terminate called without an active exception"), so the caller
+    must leave without it (service/cli.py)."""
     configs = load_repository(settings.model_repository)
     if settings.kernel_cache_dir is not None:
         use_kernel_cache(settings.kernel_cache_dir)
@@ -186,4 +226,7 @@ async def serve(settings: ServerSettings) -> None:
     await server.start()
     await stop_requested.wait()
     logger.info("shutdown requested: finishing in-flight requests (grace %.1f s)", settings.grace_period_s)
+    stopping = time.monotonic()
     await server.stop(settings.grace_period_s)
+    # A model part-way through loading gets what is left of the grace period to finish.
+    return await server.models.wait_for_loader(max(0.0, settings.grace_period_s - (time.monotonic() - stopping)))

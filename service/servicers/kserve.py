@@ -24,6 +24,7 @@ import grpc
 
 from service._proto import grpc_service_pb2 as pb
 from service._proto import grpc_service_pb2_grpc
+from service.echo import echo
 from service.lifecycle import Loaded
 from service.metrics import ServiceMetrics
 from service.model_manager import ModelManager
@@ -147,7 +148,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             models = [self._models.find(request.name)]
             _check_version(request.name, request.version)
         elif request.version:
-            raise _invalid(f"version {request.version!r} given without a model name")
+            raise _invalid(f"version {echo(request.version)} given without a model name")
         else:
             models = self._models.models
         statistics = self._models.statistics
@@ -307,7 +308,7 @@ def _requested_class_count(request: pb.ModelInferRequest, model: Loaded) -> int 
     class_count = None
     for output in request.outputs:
         if output.name != OUTPUT_NAME:
-            raise _invalid(f"unknown output {output.name!r}; the model's output is 'logits'")
+            raise _invalid(f"unknown output {echo(output.name)}; the model's output is 'logits'")
         for key, value in output.parameters.items():
             if key == CLASSIFICATION_PARAMETER:
                 if value.WhichOneof("parameter_choice") != "int64_param" or value.int64_param < 1:
@@ -315,18 +316,18 @@ def _requested_class_count(request: pb.ModelInferRequest, model: Loaded) -> int 
                     raise _invalid(f"output parameter 'classification' (class_count) must be an int64 >= 1, got {got}")
                 class_count = min(value.int64_param, model.output.num_classes)
             elif key not in _TRANSPORT_PARAMETERS:
-                raise _invalid(f"unknown output parameter {key!r}; supported: 'classification' (class_count)")
+                raise _invalid(f"unknown output parameter {echo(key)}; supported: 'classification' (class_count)")
     return class_count
 
 
 def _check_version(name: str, version: str) -> None:
     if version not in ("", MODEL_VERSION):
-        raise RpcError(grpc.StatusCode.NOT_FOUND, f"model {name!r} has no version {version!r}, only '1'")
+        raise RpcError(grpc.StatusCode.NOT_FOUND, f"model {name!r} has no version {echo(version)}, only '1'")
 
 
 def _check_repository(name: str) -> None:
     if name:
-        raise _invalid(f"unknown repository {name!r}: this server has one repository, named ''")
+        raise _invalid(f"unknown repository {echo(name)}: this server has one repository, named ''")
 
 
 def _invalid(message: str) -> RpcError:

@@ -32,16 +32,17 @@ COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile"
 PROMETHEUS_CONFIG = REPO_ROOT / "docker" / "prometheus.yml"
 # What the test's shell might hold that would change the parsed stack.
-_COMPOSE_VARIABLES = ("LOCUST_TARGET", "COMPOSE_PROFILES", "COMPOSE_FILE", "COMPOSE_PROJECT_NAME")
+_COMPOSE_VARIABLES = ("LOCUST_TARGET", "COMPOSE_PROFILES", "COMPOSE_FILE", "COMPOSE_PROJECT_NAME", "RESNET_SERVE_BIND")
 # resnet50's checkpoint can be neither found nor downloaded: the server must serve digits_resnet without a network.
 OFFLINE = {"https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
 KERNEL_CACHE = "/home/serve/.cache/kernels"
 
 
-def compose(*args: str) -> str:
-    """stdout of `docker-compose -f docker-compose.yml ARGS`; fails with its stderr when it does."""
+def compose(*args: str, env: Mapping[str, str] | None = None) -> str:
+    """stdout of `docker-compose -f docker-compose.yml ARGS` with `env` set; fails with its stderr when it does."""
     assert shutil.which("docker-compose"), "needs Debian's docker-compose package (apt-get install -y docker-compose)"
     environment = {key: value for key, value in os.environ.items() if key not in _COMPOSE_VARIABLES}
+    environment.update(env or {})
     completed = subprocess.run(
         ["docker-compose", "-f", str(COMPOSE_FILE), *args],
         cwd=REPO_ROOT,
@@ -113,8 +114,25 @@ def local_executable(command: Sequence[str]) -> list[str]:
     return [program, *command[1:]]
 
 
+def _port_mappings(service: Mapping) -> list[tuple[str, int, int]]:
+    """(host address, published, target) of each port; docker-compose 1.29 writes a port with a host address in the
+    short syntax, "127.0.0.1:50051:50051/tcp", and one without in the long syntax."""
+    mappings = []
+    for port in service.get("ports", []):
+        if isinstance(port, str):
+            host, published, target = port.split("/")[0].rsplit(":", 2)
+            mappings.append((host, int(published), int(target)))
+        else:
+            mappings.append((port.get("host_ip", "0.0.0.0"), int(port["published"]), int(port["target"])))
+    return mappings
+
+
 def published_ports(service: Mapping) -> dict[int, int]:
-    return {int(port["target"]): int(port["published"]) for port in service.get("ports", [])}
+    return {target: published for _, published, target in _port_mappings(service)}
+
+
+def published_hosts(services: Mapping[str, Mapping]) -> set[str]:
+    return {host for service in services.values() for host, _, _ in _port_mappings(service)}
 
 
 def test_compose_file_is_valid_with_each_profile():
@@ -174,6 +192,27 @@ def test_services_ports_profiles_and_gpu_reservation(services: dict[str, dict]):
     assert published_ports(services["locust-master"]) == {8089: 8089}
     assert "ports" not in services["locust-worker"]  # workers scale; a published port would collide
     assert published_ports(services["prometheus"]) == {9090: 9090}
+
+
+def test_ports_are_published_on_loopback_unless_a_variable_says_otherwise(services: dict[str, dict]):
+    assert published_hosts(services) == {"127.0.0.1"}
+    opened = yaml.safe_load(compose("config", env={"RESNET_SERVE_BIND": "0.0.0.0"}))["services"]
+    assert published_hosts(opened) == {"0.0.0.0"}
+    assert {name for name, service in opened.items() if service.get("ports")} == {
+        "server", "server-cpu", "prometheus", "locust-master", "envoy",
+    }  # fmt: skip
+
+
+def test_servers_restart_and_get_longer_to_stop_than_their_grace_period(services: dict[str, dict]):
+    for name in ("server", "server-cpu", "replica"):
+        service = services[name]
+        grace_s = float(flag_value(service["command"], "--grace-period"))
+        # SIGTERM: in-flight requests get the grace period, then a model still loading gets what is left of it.
+        stop_grace = service["stop_grace_period"]
+        assert stop_grace.endswith("s") and float(stop_grace[:-1]) >= grace_s + 10, name
+        assert service["restart"] == "unless-stopped", name
+    assert services["prometheus"]["restart"] == services["envoy"]["restart"] == "unless-stopped"
+    assert "restart" not in services["locust-master"]  # a headless run ends by exiting
 
 
 def test_the_kernel_cache_is_a_volume_the_server_user_owns(services: dict[str, dict]):

@@ -3,6 +3,8 @@ kernel cache directory reaching a started server."""
 
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,8 @@ from service.cli import build_parser, env_name, parse_settings
 from service.repository import DEFAULT_REPOSITORY
 from service.server import ServerSettings
 from tests.support.server import CPU_ONLY, REPO_ROOT, serving, write_repository
+
+_DIGITS = {"arch": "digits_resnet", "input_size": 32, "backend": "eager"}
 
 
 def test_contract_defaults():
@@ -31,6 +35,7 @@ def test_every_flag_comes_from_the_environment_and_a_flag_wins(tmp_path: Path):
         "RESNET_SERVE_HOST": "127.0.0.1",
         "RESNET_SERVE_PORT": "6000",
         "RESNET_SERVE_METRICS_PORT": "0",
+        "RESNET_SERVE_METRICS_HOST": "127.0.0.2",
         "RESNET_SERVE_HTTP_PORT": "8001",
         "RESNET_SERVE_BACKEND": "eager",
         "RESNET_SERVE_MODEL_REPOSITORY": str(tmp_path / "r.toml"),
@@ -41,16 +46,16 @@ def test_every_flag_comes_from_the_environment_and_a_flag_wins(tmp_path: Path):
         "RESNET_SERVE_DECODE_THREADS": "3",
         "RESNET_SERVE_LOG_LEVEL": "DEBUG",
         "RESNET_SERVE_KERNEL_CACHE_DIR": str(tmp_path / "kernels"),
+        "RESNET_SERVE_AUTH_TOKEN_FILE": str(tmp_path / "token"),
     }
     flags = [action.option_strings[0] for action in build_parser({})._actions if action.dest != "help"]
     assert sorted(env_name(flag) for flag in flags) == sorted(environ)
 
     settings, log_level = parse_settings([], environ=environ)
     assert settings == ServerSettings(
-        host="127.0.0.1", port=6000, metrics_port=0, http_port=8001, backend="eager",
+        host="127.0.0.1", port=6000, metrics_port=0, metrics_host="127.0.0.2", http_port=8001, backend="eager",
         model_repository=tmp_path / "r.toml", grace_period_s=2.5, max_message_bytes=1000, max_pixels=77, queue_size=9,
-        decode_threads=3,
-        kernel_cache_dir=tmp_path / "kernels",
+        decode_threads=3, kernel_cache_dir=tmp_path / "kernels", auth_token_file=tmp_path / "token",
     )  # fmt: skip
     assert log_level == "DEBUG"
 
@@ -82,9 +87,7 @@ def test_an_empty_kernel_cache_dir_keeps_nothing():
 
 
 def test_server_keeps_kernels_in_the_platform_directory_under_its_kernel_cache_dir(tmp_path: Path):
-    repository = write_repository(
-        tmp_path / "models.toml", {"digits": {"arch": "digits_resnet", "input_size": 32, "backend": "eager"}}
-    )
+    repository = write_repository(tmp_path / "models.toml", {"digits": _DIGITS})
     env = {**CPU_ONLY, "RESNET_SERVE_KERNEL_CACHE_DIR": str(tmp_path / "kernels")}
     with serving(tmp_path, repository=repository, env=env) as server:
         pass
@@ -101,3 +104,14 @@ def test_a_kernel_cache_dir_that_cannot_be_made_stops_the_server_with_the_reason
     completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert completed.returncode == 1
     assert f"cannot serve: --kernel-cache-dir {tmp_path / 'file' / 'kernels'}" in completed.stderr
+
+
+def test_the_metrics_endpoint_binds_its_own_host(tmp_path: Path):
+    """gRPC on 127.0.0.1 and /metrics on 127.0.0.2 (loopback too): the metrics port answers on its host only."""
+    repository = write_repository(tmp_path / "models.toml", {"digits": _DIGITS})
+    with serving(tmp_path, "--metrics-host", "127.0.0.2", repository=repository, env=CPU_ONLY) as server:
+        url = f"http://{{}}:{server.metrics_port}/metrics"
+        with urllib.request.urlopen(url.format("127.0.0.2"), timeout=10) as response:
+            assert b"resnet_requests" in response.read()
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.urlopen(url.format("127.0.0.1"), timeout=10)

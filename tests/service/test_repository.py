@@ -1,5 +1,7 @@
 """Parsing the model repository TOML (contract 5), the packaged default repository, and class labels."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,7 @@ from models.precision import PRECISIONS
 from service.batch_plan import BucketPolicy
 from service.labels import load_labels
 from service.repository import DEFAULT_REPOSITORY, ModelConfig, RepositoryError, load_repository
+from tests.support.server import REPO_ROOT
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -90,14 +93,37 @@ def test_bucket_policy_is_parsed_and_defaults_to_cost(tmp_path: Path, policy: Bu
         ('arch = "resnet18"\nweights = 3', "weights must be a string"),
         ('arch = "resnet18"\nbackend = "tensorrt"', "backend must be one of"),
         ('arch = "resnet18"\ndtype = "int8"', "dtype must be one of"),
-        ('arch = "resnet18"\nbucket_policy = "greedy"', "bucket_policy must be one of pad, fill, cost"),
+        ('arch = "resnet18"\nbucket_policy = "greedy"', "bucket_policy must be one of pad, fill, cost, got 'greedy'"),
+        ('arch = "resnet18"\nmax_batch_size = -4', "max_batch_size must be an integer >= 1, got -4"),
+        ('arch = "resnet18"\ninput_size = 0', "input_size must be an integer >= 1, got 0"),
+        ('arch = "resnet18"\nrequired = "yes"', "required must be true or false, got 'yes'"),
+        ('arch = "resnet18"\nrequired = 1', "required must be true or false, got 1"),
     ],
 )
-def test_bad_model_tables_are_refused_with_the_reason(tmp_path: Path, table: str, message: str):
+def test_bad_model_tables_are_refused_naming_the_file_the_table_and_the_key(tmp_path: Path, table: str, message: str):
     path = _write(tmp_path, f"[models.m]\n{table}\n")
-    with pytest.raises(RepositoryError, match=r"\[models\.m\]") as raised:
+    with pytest.raises(RepositoryError) as raised:
         load_repository(path)
+    assert str(raised.value).startswith(f"{path}: [models.m]: ")
     assert message in str(raised.value)
+
+
+def test_required_defaults_to_false(tmp_path: Path):
+    path = _write(tmp_path, '[models.a]\narch = "resnet18"\n[models.b]\narch = "resnet18"\nrequired = true\n')
+    assert [config.required for config in load_repository(path)] == [False, True]
+
+
+def test_the_server_refuses_to_start_with_one_clear_log_line(tmp_path: Path):
+    path = _write(tmp_path, '[models.m]\narch = "resnet18"\nmax_batch_size = -1\n')
+    completed = subprocess.run(
+        [sys.executable, "-m", "service", "--port", "0", "--metrics-port", "0", "--model-repository", str(path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert completed.returncode == 1
+    lines = (completed.stdout + completed.stderr).splitlines()
+    errors = [line for line in lines if " ERROR " in line]
+    assert len(errors) == 1 and "Traceback" not in completed.stderr, lines
+    assert f"{path}: [models.m]: max_batch_size must be an integer >= 1, got -1" in errors[0]
 
 
 @pytest.mark.parametrize(
@@ -124,6 +150,7 @@ def test_missing_repository_file(tmp_path: Path):
 def test_default_repository_serves_digits_and_resnet50():
     configs = {config.name: config for config in load_repository(DEFAULT_REPOSITORY)}
     assert set(configs) == {"digits_resnet", "resnet50"}
+    assert configs["digits_resnet"].required and not configs["resnet50"].required
     assert configs["digits_resnet"].weights == "pretrained" and configs["digits_resnet"].input_size == 32
     assert configs["resnet50"].weights == "pretrained" and configs["resnet50"].labels == "imagenet"
 

@@ -14,7 +14,7 @@ from service.batcher import BatcherStoppedError, BatchTooLargeError, DeadlineExc
 from service.metrics import UNKNOWN_MODEL, ServiceMetrics
 from service.model_manager import ModelNotFoundError, ModelNotReadyError
 from service.preprocess import ImageTooLargeError, InvalidImageError
-from service.rpc import DEADLINE_SKEW_S, REQUEST_ID_KEY, CallScope, RpcError, rpc_handler
+from service.rpc import REQUEST_ID_KEY, CallScope, RpcError, WireRequest, deadline_passed, rpc_handler
 
 KNOWN_MODEL = "digits"
 
@@ -28,7 +28,7 @@ class FakeContext:
 
     def __init__(self, metadata: tuple[tuple[str, str], ...] = (), remaining: float | None = None) -> None:
         self._metadata = metadata
-        self._remaining = remaining
+        self.remaining = remaining
         self.trailing: tuple[tuple[str, str], ...] = ()
         self.aborted: tuple[grpc.StatusCode, str] | None = None
 
@@ -39,7 +39,7 @@ class FakeContext:
         self.trailing = metadata
 
     def time_remaining(self) -> float | None:
-        return self._remaining
+        return self.remaining
 
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
         self.aborted = (code, details)
@@ -132,21 +132,39 @@ def test_unknown_model_names_share_one_metrics_label():
 
 
 @pytest.mark.parametrize(
-    ("remaining", "code"),
-    [(DEADLINE_SKEW_S / 2, "DEADLINE_EXCEEDED"), (0.0, "DEADLINE_EXCEEDED"), (30.0, "CANCELLED"), (None, "CANCELLED")],
+    ("timeout", "remaining", "code"),
+    [
+        (5.0, 0.0, "DEADLINE_EXCEEDED"),
+        (5.0, 0.04, "DEADLINE_EXCEEDED"),  # within grpc-timeout's rounding (10 ms units under 10 s)
+        (5.0, 0.3, "CANCELLED"),  # the client gave up 0.3 s early: not its deadline
+        (60.0, 0.5, "DEADLINE_EXCEEDED"),  # 100 ms units: 60 s may arrive as up to 60.1 s, at most 1% + 1 ms
+        (60.0, 0.7, "CANCELLED"),
+        (None, None, "CANCELLED"),
+    ],
 )
-def test_a_cancelled_call_is_counted_as_its_deadline_passing_or_as_cancelled(remaining: float | None, code: str):
+def test_a_cancelled_call_is_counted_as_its_deadline_passing_or_as_cancelled(
+    timeout: float | None, remaining: float | None, code: str
+):
     metrics = ServiceMetrics()
     scope = CallScope(metrics, lambda name: True)
-    context = FakeContext(remaining=remaining)
+    context = FakeContext(remaining=timeout)
+
+    async def cancelled_with_time_left():
+        context.remaining = remaining
+        raise asyncio.CancelledError
 
     async def main():
-        await scope.run("Infer", KNOWN_MODEL, context, raising(asyncio.CancelledError()))
+        await scope.run("Infer", KNOWN_MODEL, context, cancelled_with_time_left)
 
     with pytest.raises(asyncio.CancelledError):  # gRPC has answered already: the scope only records it
         asyncio.run(main())
     assert context.aborted is None
     assert requests_counted(metrics, KNOWN_MODEL, "Infer", code) == 1
+
+
+def test_the_deadline_bound_is_the_timeout_encodings_rounding():
+    assert deadline_passed(0.0011, 0.01) and not deadline_passed(0.0021, 0.01)  # under 1 s: 1 ms units
+    assert deadline_passed(0.99, 99.0) and not deadline_passed(1.0, 99.0)  # 100 ms units under 100 s
 
 
 class Servicer:
@@ -185,3 +203,44 @@ def test_decorated_handlers_run_in_the_scope_under_their_own_name_and_model():
     assert requests_counted(metrics, UNKNOWN_MODEL, "ModelInfer", "NOT_FOUND") == 1
     assert requests_counted(metrics, "", "ServerLive", "OK") == 1
     assert Servicer.ModelInfer.__name__ == "ModelInfer"  # gRPC's generated code registers handlers by attribute
+
+
+def test_wire_requests_are_parsed_in_the_scope_and_bad_ones_counted_as_invalid_argument():
+    from service._proto import classifier_pb2
+
+    metrics = ServiceMetrics()
+
+    class ClassifyServicer:
+        call_scope = CallScope(metrics, lambda name: name == KNOWN_MODEL)
+
+        @rpc_handler(lambda request: request.model)
+        async def Classify(self, request: classifier_pb2.ClassifyRequest, context: FakeContext) -> str:
+            return request.model
+
+    good = classifier_pb2.ClassifyRequest(model=KNOWN_MODEL).SerializeToString()
+    cases = {"garbage": [b"\xff\xff\xff"], "none": [], "two": [good, good]}
+
+    async def main():
+        answered = await ClassifyServicer().Classify(WireRequest([good], classifier_pb2.ClassifyRequest), FakeContext())
+        refused = {}
+        for name, messages in cases.items():
+            context = FakeContext()
+            with pytest.raises(Aborted):
+                await ClassifyServicer().Classify(WireRequest(messages, classifier_pb2.ClassifyRequest), context)
+            refused[name] = context.aborted
+        return answered, refused
+
+    answered, refused = asyncio.run(main())
+    assert answered == KNOWN_MODEL
+    assert refused == {
+        "garbage": (grpc.StatusCode.INVALID_ARGUMENT, "the request is not a valid resnet.v1.ClassifyRequest message"),
+        "none": (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "the call sent no message; it takes exactly one resnet.v1.ClassifyRequest",
+        ),
+        "two": (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "the call sent more than one message; it takes exactly one resnet.v1.ClassifyRequest",
+        ),
+    }
+    assert requests_counted(metrics, "", "Classify", "INVALID_ARGUMENT") == 3

@@ -36,15 +36,19 @@ def free_port() -> int:
 
 
 def write_repository(path: Path, models: Mapping[str, Mapping[str, object]]) -> Path:
-    """A repository TOML file with one [models.NAME] table per entry (string and integer values)."""
+    """A repository TOML file with one [models.NAME] table per entry (string, integer and boolean values)."""
     lines = []
     for name, table in models.items():
         lines.append(f"[models.{name}]")
-        lines += [
-            f"{key} = {value!r}" if isinstance(value, int) else f'{key} = "{value}"' for key, value in table.items()
-        ]
+        lines += [f"{key} = {_toml_value(value)}" for key, value in table.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, int) else f'"{value}"'
 
 
 def is_serving(channel: grpc.Channel) -> bool:
