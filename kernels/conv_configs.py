@@ -101,6 +101,7 @@ def autotune_configs(
 ) -> list[triton.Config]:
     """The pointer kernel's GPU autotuning candidates for one operand dtype (and, for float32, the dot precision) and
     one form (`pointer_form`)."""
+    tiles: tuple[tuple[int, int, int, int, int], ...]  # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps)
     if dtype == torch.float32 and not allow_tf32:
         tiles = _FMA_POINTWISE_TILES if form == "pointwise" else _FMA_TAP_TILES
     else:

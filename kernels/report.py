@@ -140,8 +140,11 @@ def measure_case(case: CompileCase, arch: int) -> CaseReport:
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
-        resources = RESOURCES_RE.search(_run_tool("cuobjdump", "--dump-resource-usage", str(cubin)))
+        resource_usage = _run_tool("cuobjdump", "--dump-resource-usage", str(cubin))
         opcodes = Counter(OPCODE_RE.findall(_run_tool("nvdisasm", str(cubin))))
+    resources = RESOURCES_RE.search(resource_usage)
+    if resources is None:
+        raise RuntimeError(f"cuobjdump printed no register and stack usage:\n{resource_usage[:2000]}")
     report.registers, report.stack_bytes = int(resources.group(1)), int(resources.group(2))
     report.shared_bytes = compiled.metadata.shared
     report.spill_instructions = opcodes["LDL"] + opcodes["STL"]
@@ -199,9 +202,24 @@ def covering_subset(cases: list[CompileCase]) -> list[int]:
 
 
 def format_table(reports: list[CaseReport]) -> str:
-    header = ("kernel", "variant", "dtype", "tile", "warps", "stages", "regs", "spill B st/ld", "LDL+STL", "smem B")
-    header += ("HGMMA", "HMMA", "TMA", "setmaxnreg", "secs")
-    rows = [header]
+    header = (
+        "kernel",
+        "variant",
+        "dtype",
+        "tile",
+        "warps",
+        "stages",
+        "regs",
+        "spill B st/ld",
+        "LDL+STL",
+        "smem B",
+        "HGMMA",
+        "HMMA",
+        "TMA",
+        "setmaxnreg",
+        "secs",
+    )
+    rows: list[tuple[object, ...]] = [header]
     for r in reports:
         row = (r.kernel, r.variant, r.dtype, r.tile, r.warps, r.stages)
         if r.error is not None:
