@@ -90,9 +90,18 @@ _FLAGS = (
         "--auth-token-file",
         _optional_path,
         "",
-        f"file whose first line is the bearer token every call but health must carry (or set {AUTH_TOKEN_ENV}); "
-        "empty: no authentication",
+        "file whose first line is the bearer token every call but health and reflection must carry (or set "
+        f"{AUTH_TOKEN_ENV}); empty: no authentication",
     ),
+    # service/tls.py; README "Security".
+    (
+        "--tls-cert",
+        _optional_path,
+        "",
+        "PEM certificate chain: gRPC and HTTP over TLS (with --tls-key); empty: plaintext",
+    ),
+    ("--tls-key", _optional_path, "", "PEM private key of --tls-cert"),
+    ("--tls-client-ca", _optional_path, "", "PEM CA bundle: clients must present a certificate it signed (mutual TLS)"),
 )
 
 
@@ -134,6 +143,9 @@ def parse_settings(
         kernel_cache_dir=args.kernel_cache_dir,
         auth_token_file=args.auth_token_file,
         auth_token=environ.get(AUTH_TOKEN_ENV) or None,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
     )
     return settings, args.log_level
 

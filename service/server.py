@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import models.kernel_cache
 from service._proto import classifier_pb2, grpc_service_pb2
-from service.auth import AuthConfigError, BearerTokenInterceptor, load_token
+from service.auth import AuthConfigError, BearerTokenInterceptor, bearer_token_middleware, load_token
 from service.backends.base import AUTO_BACKEND
 from service.health import HealthServicer
 from service.http.app import kserve_http_app
@@ -34,6 +34,7 @@ from service.repository import DEFAULT_REPOSITORY, ModelConfig, load_repository
 from service.rpc import CallScope
 from service.servicers.classifier import ClassifierServicer
 from service.servicers.kserve import InferenceServicer
+from service.tls import TlsConfigError, load_tls
 from service.wire import add_servicer
 
 logger = logging.getLogger(__name__)
@@ -49,10 +50,12 @@ INFERENCE_SERVICE = _INFERENCE.full_name
 _IDENTITY_ONLY = 1
 # "" is the whole server, as grpc.health.v1 defines it.
 HEALTH_SERVICES = ("", CLASSIFIER_SERVICE, INFERENCE_SERVICE)
+# The method label of HTTP requests refused for the token (resnet_requests_total{code="UNAUTHENTICATED"}).
+HTTP_REFUSED_METHOD = "HTTP"
 
 
 class ServerStartError(RuntimeError):
-    """A port could not be bound, the kernel cache directory could not be made, or the auth token file read."""
+    """A port could not be bound, the kernel cache directory could not be made, or the auth token or TLS files read."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,10 @@ class ServerSettings:
     kernel_cache_dir: Path | None = None  # Triton's compiled kernels and autotune results; None: not kept
     auth_token_file: Path | None = None  # service/auth.py; neither this nor auth_token: authentication off
     auth_token: str | None = field(default=None, repr=False)  # from the environment only, never a flag (ps shows argv)
+    # service/tls.py: both set, gRPC and HTTP speak TLS; tls_client_ca set too, clients need a certificate it signed.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
 
 
 class InferenceServer:
@@ -107,12 +114,9 @@ class InferenceServer:
         settings = self._settings
         try:
             token = load_token(settings.auth_token, settings.auth_token_file)
-        except AuthConfigError as error:
+            tls = load_tls(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        except (AuthConfigError, TlsConfigError) as error:
             raise ServerStartError(str(error)) from error
-        if token and settings.http_port:
-            # The token is checked by a gRPC interceptor; the HTTP/REST frontend has no check yet, and an open port
-            # beside an authenticated one would be a way around it.
-            raise ServerStartError("authentication covers gRPC only so far: with a token, set --http-port 0")
         for service_name in HEALTH_SERVICES:
             await self._health.set(service_name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self._decode_executor = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
@@ -145,14 +149,28 @@ class InferenceServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         enable_server_reflection((CLASSIFIER_SERVICE, INFERENCE_SERVICE, health.SERVICE_NAME), server)
         try:
-            port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+            address = f"{settings.host}:{settings.port}"
+            port = (
+                server.add_insecure_port(address)
+                if tls is None
+                else server.add_secure_port(address, tls.grpc_credentials())
+            )
             if settings.http_port:
                 app = kserve_http_app(
-                    inference, self.models, self._decode_executor, max_body_bytes=settings.max_message_bytes
+                    inference,
+                    self.models,
+                    self._decode_executor,
+                    max_body_bytes=settings.max_message_bytes,
+                    middlewares=[bearer_token_middleware(token, self._count_unauthenticated_http)] if token else [],
                 )
-                self._http_runners.append(
-                    await start_site(app, settings.host, settings.http_port, grace_s=settings.grace_period_s)
+                site = start_site(
+                    app,
+                    settings.host,
+                    settings.http_port,
+                    grace_s=settings.grace_period_s,
+                    ssl_context=None if tls is None else tls.ssl_context,
                 )
+                self._http_runners.append(await site)
                 logger.info("KServe v2 HTTP/REST on %s:%d", settings.host, settings.http_port)
             if settings.metrics_port:
                 metrics_host = settings.metrics_host or settings.host
@@ -162,7 +180,8 @@ class InferenceServer:
             raise ServerStartError(f"cannot bind: {error}") from error
         await server.start()
         self._server = server
-        logger.info("gRPC on %s:%d%s", settings.host, port, "; bearer token required but for health" if token else "")
+        protection = ("TLS" if tls else "plaintext") + ("; bearer token required but for health" if token else "")
+        logger.info("gRPC on %s:%d (%s)", settings.host, port, protection)
         self.models.start_loading()
         return port
 
@@ -182,6 +201,10 @@ class InferenceServer:
 
     def _count_unauthenticated(self, method: str) -> None:
         self.metrics.record_request("", method, grpc.StatusCode.UNAUTHENTICATED.name, 0.0)
+
+    def _count_unauthenticated_http(self) -> None:
+        # Refused before routing: no method to name, and a label per path a client chose would be unbounded.
+        self._count_unauthenticated(HTTP_REFUSED_METHOD)
 
     async def _stop_http(self) -> None:
         runners, self._http_runners = self._http_runners, []

@@ -6,6 +6,7 @@ the batcher, the checks, the metrics and the mapping of errors to status codes.
 """
 
 import json
+from collections.abc import Sequence
 from concurrent.futures import Executor
 from typing import Any
 
@@ -27,12 +28,18 @@ _MODEL_VERSION = "/v2/models/{model}/versions/{version}"
 
 
 def kserve_http_app(
-    servicer: InferenceServicer, models: ModelManager, executor: Executor, *, max_body_bytes: int
+    servicer: InferenceServicer,
+    models: ModelManager,
+    executor: Executor,
+    *,
+    max_body_bytes: int,
+    middlewares: Sequence[Any] = (),
 ) -> web.Application:
     """The application; bodies over `max_body_bytes` (the gRPC message limit) are refused with 413. Request bodies
-    are parsed on `executor` (the servicer's tensor threads)."""
+    are parsed on `executor` (the servicer's tensor threads). `middlewares` run inside json_errors (the bearer-token
+    check of service/auth.py)."""
     routes = _Routes(servicer, models, executor)
-    app = web.Application(middlewares=[json_errors], client_max_size=max_body_bytes)
+    app = web.Application(middlewares=[json_errors, *middlewares], client_max_size=max_body_bytes)
     app[ENDPOINTS] = "the KServe v2 endpoints are under /v2"
     app.add_routes([
         web.get("/v2/health/live", routes.live),

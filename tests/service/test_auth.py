@@ -13,7 +13,7 @@ from models import digits
 from service._proto import classifier_pb2, classifier_pb2_grpc, grpc_service_pb2_grpc
 from service._proto import grpc_service_pb2 as pb
 from service.auth import AuthConfigError, load_token
-from tests.support.server import CPU_ONLY, ServerProcess, serving, start_server, write_repository
+from tests.support.server import CPU_ONLY, ServerProcess, serving, write_repository
 
 TOKEN = "s3cret-token-for-the-test"
 _DIGITS = {"arch": "digits_resnet", "weights": "pretrained", "input_size": digits.INPUT_SIZE, "backend": "eager"}
@@ -25,7 +25,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
     repository = write_repository(directory / "models.toml", {"digits": _DIGITS})
     token_file = directory / "token"
     token_file.write_text(TOKEN + "\n")
-    # HTTP off: the token guards gRPC only, and the server refuses to start with both (test below).
+    # HTTP off: this module is about gRPC; tests/service/test_security.py covers the token on HTTP.
     args = ("--auth-token-file", str(token_file), "--http-port", "0")
     with serving(directory, *args, repository=repository, env=CPU_ONLY) as running:
         yield running
@@ -61,13 +61,6 @@ def test_the_token_is_served_and_health_and_metrics_are_open(server):
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     assert server.metric("resnet_requests_total", method="Classify", code="OK") == 1
-
-
-def test_a_token_with_the_unauthenticated_http_port_open_refuses_to_start(tmp_path: Path):
-    repository = write_repository(tmp_path / "models.toml", {"digits": _DIGITS})
-    server = start_server(tmp_path, repository=repository, env={**CPU_ONLY, "RESNET_SERVE_AUTH_TOKEN": TOKEN})
-    assert server.process.wait(timeout=60) == 1
-    assert "authentication covers gRPC only so far: with a token, set --http-port 0" in server.log()
 
 
 def test_the_token_comes_from_the_environment_before_the_file(tmp_path: Path):

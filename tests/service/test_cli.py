@@ -47,6 +47,9 @@ def test_every_flag_comes_from_the_environment_and_a_flag_wins(tmp_path: Path):
         "RESNET_SERVE_LOG_LEVEL": "DEBUG",
         "RESNET_SERVE_KERNEL_CACHE_DIR": str(tmp_path / "kernels"),
         "RESNET_SERVE_AUTH_TOKEN_FILE": str(tmp_path / "token"),
+        "RESNET_SERVE_TLS_CERT": str(tmp_path / "cert.pem"),
+        "RESNET_SERVE_TLS_KEY": str(tmp_path / "key.pem"),
+        "RESNET_SERVE_TLS_CLIENT_CA": str(tmp_path / "ca.pem"),
     }
     flags = [action.option_strings[0] for action in build_parser({})._actions if action.dest != "help"]
     assert sorted(env_name(flag) for flag in flags) == sorted(environ)
@@ -56,6 +59,7 @@ def test_every_flag_comes_from_the_environment_and_a_flag_wins(tmp_path: Path):
         host="127.0.0.1", port=6000, metrics_port=0, metrics_host="127.0.0.2", http_port=8001, backend="eager",
         model_repository=tmp_path / "r.toml", grace_period_s=2.5, max_message_bytes=1000, max_pixels=77, queue_size=9,
         decode_threads=3, kernel_cache_dir=tmp_path / "kernels", auth_token_file=tmp_path / "token",
+        tls_cert=tmp_path / "cert.pem", tls_key=tmp_path / "key.pem", tls_client_ca=tmp_path / "ca.pem",
     )  # fmt: skip
     assert log_level == "DEBUG"
 

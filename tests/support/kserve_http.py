@@ -2,6 +2,7 @@
 http.py: scripts run from tests/support (the tritonclient probes) would import it as the standard library's http."""
 
 import json
+import ssl
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -27,11 +28,17 @@ class HttpAnswer:
         return message
 
 
-def call(url: str, body: bytes | None = None, headers: dict[str, str] | None = None, method: str | None = None):
-    """One request; a 4xx/5xx answer is returned like any other, not raised."""
+def call(
+    url: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    method: str | None = None,
+    tls: ssl.SSLContext | None = None,
+):
+    """One request (over TLS with `tls`, for https URLs); a 4xx/5xx answer is returned like any other, not raised."""
     request = urllib.request.Request(url, data=body, headers=headers or {}, method=method)
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with urllib.request.urlopen(request, timeout=30, context=tls) as response:
             return HttpAnswer(response.status, dict(response.headers), response.read())
     except urllib.error.HTTPError as error:
         return HttpAnswer(error.code, dict(error.headers), error.read())

@@ -66,10 +66,12 @@ class ServerProcess:
     metrics_port: int
     log_path: Path
     http_port: int = 0  # KServe v2 HTTP/REST; 0: not served
+    channel_credentials: grpc.ChannelCredentials | None = None  # set: the server speaks TLS on both ports
 
     @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        scheme = "http" if self.channel_credentials is None else "https"
+        return f"{scheme}://127.0.0.1:{self.http_port}"
 
     @property
     def address(self) -> str:
@@ -79,7 +81,9 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")
 
     def channel(self) -> grpc.Channel:
-        return grpc.insecure_channel(self.address)
+        if self.channel_credentials is None:
+            return grpc.insecure_channel(self.address)
+        return grpc.secure_channel(self.address, self.channel_credentials)
 
     def metrics_text(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
@@ -124,9 +128,11 @@ def start_server(
     repository: Path | None = None,
     env: Mapping[str, str] | None = None,
     unset_env: tuple[str, ...] = (),
+    channel_credentials: grpc.ChannelCredentials | None = None,
 ) -> ServerProcess:
     """`python -m service` on free ports with `args` appended, in this environment updated with `env` and without
-    `unset_env`; call wait_until_serving before using it."""
+    `unset_env`; call wait_until_serving before using it. `channel_credentials`: what channel() connects with (the
+    server was given --tls-cert)."""
     port, metrics_port, http_port = free_port(), free_port(), free_port()
     command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--metrics-port", str(metrics_port), "--http-port", str(http_port), "--log-level", "INFO"]
@@ -138,7 +144,7 @@ def start_server(
         process = subprocess.Popen(
             [*command, *args], cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=environment
         )
-    return ServerProcess(process, port, metrics_port, log_path, http_port)
+    return ServerProcess(process, port, metrics_port, log_path, http_port, channel_credentials)
 
 
 @contextlib.contextmanager
