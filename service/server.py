@@ -180,7 +180,7 @@ class InferenceServer:
             raise ServerStartError(f"cannot bind: {error}") from error
         await server.start()
         self._server = server
-        protection = ("TLS" if tls else "plaintext") + ("; bearer token required but for health" if token else "")
+        protection = ("TLS" if tls else "plaintext") + ("; bearer token required but for probes" if token else "")
         logger.info("gRPC on %s:%d (%s)", settings.host, port, protection)
         self.models.start_loading()
         return port
