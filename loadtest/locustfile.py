@@ -20,7 +20,7 @@ from locust import User, constant, events, task
 from locust.exception import LocustError
 from locust.runners import MasterRunner
 
-from loadtest.payloads import images, random_tensor
+from loadtest.payloads import images, random_pixels, random_tensor
 from service._proto import classifier_pb2, classifier_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
 
 # Must run before any channel exists: without it a blocking gRPC call stalls every user of this process.
@@ -118,16 +118,25 @@ class ClassifyUser(GrpcUser):
 class ModelInferUser(GrpcUser):
     """KServe v2 ModelInfer with a random float32 tensor [infer_batch, 3, S, S], S read from ModelMetadata."""
 
+    datatype = "FP32"
+
     def on_start(self) -> None:
         # Asked on the plain channel, so that the statistics hold only the inference calls.
         metadata = grpc_service_pb2_grpc.GRPCInferenceServiceStub(self._plain_channel).ModelMetadata(
             grpc_service_pb2.ModelMetadataRequest(name=self.model), timeout=self.timeout_s
         )
         (model_input,) = metadata.inputs
-        self.shape = (self.environment.parsed_options.infer_batch, *model_input.shape[1:])
+        self.shape = self.input_shape(self.environment.parsed_options.infer_batch, model_input.shape[2])
         self.input_name = model_input.name
         self.stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
         self.rng = np.random.default_rng()
+
+    @staticmethod
+    def input_shape(batch: int, size: int) -> tuple[int, ...]:
+        return (batch, 3, size, size)
+
+    def payload(self) -> bytes:
+        return random_tensor(self.shape, self.rng)
 
     @task
     def infer(self) -> None:
@@ -135,9 +144,23 @@ class ModelInferUser(GrpcUser):
             model_name=self.model,
             inputs=[
                 grpc_service_pb2.ModelInferRequest.InferInputTensor(
-                    name=self.input_name, datatype="FP32", shape=self.shape
+                    name=self.input_name, datatype=self.datatype, shape=self.shape
                 )
             ],
-            raw_input_contents=[random_tensor(self.shape, self.rng)],
+            raw_input_contents=[self.payload()],
         )
         self.call(self.stub.ModelInfer, request)
+
+
+class ModelInferUint8User(ModelInferUser):
+    """ModelInfer with random raw pixels, UINT8 [infer_batch, S, S, 3] (NHWC): the layout ModelMetadata does not
+    advertise (it lists FP32 NCHW) but the server takes as its fast path; S is the same metadata's."""
+
+    datatype = "UINT8"
+
+    @staticmethod
+    def input_shape(batch: int, size: int) -> tuple[int, ...]:
+        return (batch, size, size, 3)
+
+    def payload(self) -> bytes:
+        return random_pixels(self.shape, self.rng)

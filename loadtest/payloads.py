@@ -1,4 +1,4 @@
-"""What the Locust users send: encoded images for Classify and random tensors for KServe ModelInfer."""
+"""What the Locust users send: encoded images for Classify, random tensors and raw pixels for KServe ModelInfer."""
 
 from pathlib import Path
 
@@ -40,3 +40,8 @@ def images(image_dir: str) -> list[bytes]:
 def random_tensor(shape: tuple[int, ...], rng: np.random.Generator) -> bytes:
     """Little-endian float32 bytes of a standard-normal tensor of `shape` (e.g. [N, 3, S, S]), as raw_input_contents."""
     return rng.standard_normal(shape, dtype=np.float32).astype("<f4").tobytes()
+
+
+def random_pixels(shape: tuple[int, ...], rng: np.random.Generator) -> bytes:
+    """Uniform uint8 bytes 0..255 of `shape` (e.g. [N, S, S, 3], NHWC raw images), as raw_input_contents."""
+    return rng.integers(0, 256, shape, dtype=np.uint8).tobytes()

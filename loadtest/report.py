@@ -20,18 +20,20 @@ def write_summary(path: Path, steps: Sequence[StepResult], run_info: Mapping[str
 
 
 def plot(path: Path, steps: Sequence[StepResult], title: str) -> Path:
-    """Left: p50/p95/p99 latency (ms) against users; right: requests/s against users; one colour per backend."""
+    """Left: p50/p95/p99 latency (ms) against users; right: requests/s against users; one colour per backend and
+    generator (a Locust and a perf_analyzer sweep of one server are two series)."""
     figure = Figure(figsize=(11, 4.2), layout="constrained")
     latency_axis, throughput_axis = figure.subplots(1, 2)
-    for index, backend in enumerate(dict.fromkeys(step.backend for step in steps)):
-        runs = sorted((step for step in steps if step.backend == backend), key=lambda step: step.users)
+    for index, series in enumerate(dict.fromkeys((step.backend, step.generator) for step in steps)):
+        runs = sorted((step for step in steps if (step.backend, step.generator) == series), key=lambda step: step.users)
         colour = f"C{index}"
+        name = " ".join(series)
         timed = [step for step in runs if step.requests]  # a step without requests has no percentiles
-        for field, name, style in _PERCENTILES:
+        for field, percentile, style in _PERCENTILES:
             latency_axis.plot([step.users for step in timed], [getattr(step, field) for step in timed], style,
-                              marker="o", color=colour, label=f"{backend} {name}")  # fmt: skip
+                              marker="o", color=colour, label=f"{name} {percentile}")  # fmt: skip
         throughput_axis.plot([step.users for step in runs], [step.rps for step in runs], marker="o", color=colour,
-                             label=backend)  # fmt: skip
+                             label=name)  # fmt: skip
     all_users = sorted({step.users for step in steps})
     for axis, ylabel in ((latency_axis, "latency (ms)"), (throughput_axis, "requests/s")):
         axis.set_xscale("log", base=2)

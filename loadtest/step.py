@@ -1,4 +1,6 @@
-"""One concurrency step: Locust headless in a subprocess for a bounded time, its CSVs, and the figures they hold."""
+"""One concurrency step: Locust headless in a subprocess for a bounded time, its CSVs, and the figures they hold.
+
+StepResult is also what a perf_analyzer step gives (loadtest/perf_analyzer.py): each row names its generator."""
 
 import csv
 import logging
@@ -6,6 +8,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from loadtest.server import Target, batch_size_totals
 
@@ -15,6 +18,9 @@ LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 # Locust's start-up (imports, reading the images) and its --stop-timeout come on top of the step's duration.
 _STARTUP_ALLOWANCE_S = 60
 _STOP_TIMEOUT_S = 10
+
+
+GENERATOR = "locust"
 
 
 @dataclass(frozen=True)
@@ -30,8 +36,32 @@ class StepResult:
     p99_ms: float | None
     mean_ms: float
     mean_batch_size: float | None  # from /metrics over the step; None without a /metrics URL or without batches
-    locust_exit_code: int
-    csv_prefix: str
+    exit_code: int  # the generator's
+    csv_prefix: str  # the generator's files in --out start with it
+    generator: str  # "locust" or "perf_analyzer"
+    workload: str  # what its requests were: the Locust user classes, or perf_analyzer's ModelInfer
+
+
+class Figures(NamedTuple):
+    """What a generator measured over a step."""
+
+    requests: int
+    rps: float
+    p50_ms: float | None
+    p90_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+    mean_ms: float
+
+
+NO_FIGURES = Figures(0, 0.0, None, None, None, None, 0.0)
+
+
+def mean_batch_size(before: tuple[float, float] | None, after: tuple[float, float] | None) -> float | None:
+    """The mean batch size between two batch_size_totals readings; None without /metrics or without a batch."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
 
 
 @dataclass(frozen=True)
@@ -82,9 +112,6 @@ def run_step(target: Target, backend: str, users: int, settings: StepSettings, o
         )
     after = batch_size_totals(target, settings.model)
     row = aggregated_row(csv_prefix.with_name(csv_prefix.name + "_stats.csv"))
-    mean_batch = None
-    if before is not None and after is not None and after[1] > before[1]:
-        mean_batch = (after[0] - before[0]) / (after[1] - before[1])
     if completed.returncode != 0:
         logger.error("locust exited with %d; its log: %s", completed.returncode, log_path)
     return StepResult(
@@ -98,7 +125,9 @@ def run_step(target: Target, backend: str, users: int, settings: StepSettings, o
         p95_ms=_milliseconds(row["95%"]),
         p99_ms=_milliseconds(row["99%"]),
         mean_ms=float(row["Average Response Time"]),
-        mean_batch_size=mean_batch,
-        locust_exit_code=completed.returncode,
+        mean_batch_size=mean_batch_size(before, after),
+        exit_code=completed.returncode,
         csv_prefix=csv_prefix.name,
+        generator=GENERATOR,
+        workload=", ".join(settings.user_classes),
     )

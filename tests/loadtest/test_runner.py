@@ -65,7 +65,7 @@ def test_locust_processes_share_each_steps_users(tmp_path):
 def _step(users: int, requests: int) -> StepResult:
     latency = 5.0 if requests else None  # Locust reports no percentiles for a step without requests
     return StepResult("eager", users, requests, 0, requests / 3, latency, latency, latency, latency,
-                      latency or 0.0, None, 0, f"eager_u{users}")  # fmt: skip
+                      latency or 0.0, None, 0, f"eager_u{users}", "locust", "ModelInferUser")  # fmt: skip
 
 
 def test_a_step_without_requests_fails_the_run_and_still_gets_a_report(tmp_path, monkeypatch, caplog):
@@ -77,7 +77,7 @@ def test_a_step_without_requests_fails_the_run_and_still_gets_a_report(tmp_path,
 
     assert main(argv) == 1
 
-    assert "eager, 4 users: no request completed" in caplog.text
+    assert "eager, 4 users, locust: no request completed" in caplog.text
     assert [step["requests"] for step in json.loads((out / "summary.json").read_text())["steps"]] == [30, 0]
     assert (out / "summary.png").read_bytes().startswith(b"\x89PNG")
     # Also when no step has a latency to draw on the log scale.
