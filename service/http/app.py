@@ -14,6 +14,7 @@ import grpc
 from aiohttp import web
 
 from service._proto import grpc_service_pb2 as pb
+from service.echo import echo
 from service.http.context import HttpCallContext
 from service.http.errors import ENDPOINTS, HttpCallError, error_response, json_errors
 from service.http.proto_json import message_json
@@ -121,18 +122,18 @@ class _Routes:
 
     async def load(self, request: web.Request) -> web.Response:
         context = HttpCallContext(request)
-        await _json_options(request, {})
-        await self._servicer.RepositoryModelLoad(
-            pb.RepositoryModelLoadRequest(model_name=request.match_info["model"]), context.as_servicer_context()
-        )
+        options = await _json_options(request, {"parameters": dict})
+        load_request = pb.RepositoryModelLoadRequest(model_name=request.match_info["model"])
+        _set_repository_parameters(load_request.parameters, options.get("parameters", {}))
+        await self._servicer.RepositoryModelLoad(load_request, context.as_servicer_context())
         return web.Response(status=200, headers=context.response_headers)
 
     async def unload(self, request: web.Request) -> web.Response:
         context = HttpCallContext(request)
-        await _json_options(request, {})
-        await self._servicer.RepositoryModelUnload(
-            pb.RepositoryModelUnloadRequest(model_name=request.match_info["model"]), context.as_servicer_context()
-        )
+        options = await _json_options(request, {"parameters": dict})
+        unload_request = pb.RepositoryModelUnloadRequest(model_name=request.match_info["model"])
+        _set_repository_parameters(unload_request.parameters, options.get("parameters", {}))
+        await self._servicer.RepositoryModelUnload(unload_request, context.as_servicer_context())
         return web.Response(status=200, headers=context.response_headers)
 
     async def _metadata(self, request: web.Request, context: HttpCallContext) -> pb.ModelMetadataResponse:
@@ -184,12 +185,30 @@ async def _json_options(request: web.Request, accepted: dict[str, type]) -> dict
         raise HttpCallError(grpc.StatusCode.INVALID_ARGUMENT, "the body must be a JSON object")
     for key, value in options.items():
         if key not in accepted:
-            # Load/unload parameters (config overrides, unload_dependents) are refused as over gRPC.
+            # Unknown keys are refused rather than ignored: a client that sends one expects it to act.
             allowed = sorted(accepted) or "none"
-            raise HttpCallError(grpc.StatusCode.INVALID_ARGUMENT, f"{key!r} is not supported here; accepted: {allowed}")
+            raise HttpCallError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"{echo(key)} is not supported here; accepted: {allowed}"
+            )
         if not isinstance(value, accepted[key]):
-            raise HttpCallError(grpc.StatusCode.INVALID_ARGUMENT, f"{key!r} must be {accepted[key].__name__}")
+            raise HttpCallError(grpc.StatusCode.INVALID_ARGUMENT, f"{echo(key)} must be {accepted[key].__name__}")
     return options
+
+
+def _set_repository_parameters(target: Any, parameters: dict[str, Any]) -> None:
+    """JSON load/unload parameters (tritonclient sends {"unload_dependents": false}) as the gRPC request's, so that the
+    servicer accepts or refuses them exactly as over gRPC."""
+    for name, value in parameters.items():
+        if isinstance(value, bool):
+            target[name].bool_param = value
+        elif isinstance(value, int):
+            target[name].int64_param = value
+        elif isinstance(value, str):
+            target[name].string_param = value
+        else:
+            raise HttpCallError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"parameter {echo(name)} must be a bool, an integer or a string"
+            )
 
 
 def _model_of(request: web.Request) -> tuple[str, str]:

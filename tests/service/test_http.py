@@ -148,7 +148,10 @@ def test_statistics_and_repository_control(server: ServerProcess, eager: torch.n
         ("/v2/repository/index", b"[1]", 400, "JSON object"),
         ("/v2/repository/index", b"{not json", 400, "not JSON"),
         ("/v2/repository/index", b'{"ready": "yes"}', 400, "'ready' must be bool"),
-        ("/v2/repository/models/digits/unload", b'{"parameters": {"unload_dependents": true}}', 400, "parameters"),
+        ("/v2/repository/models/digits/load", b'{"parameters": {"config": "{}"}}', 400, "['config'] are not supported"),
+        ("/v2/repository/models/digits/unload", b'{"parameters": {"x": [1]}}', 400, "must be a bool, an integer"),
+        ("/v2/repository/models/digits/unload", b'{"parameters": {"force": true}}', 400, "['force'] are not supported"),
+        ("/v2/repository/models/digits/unload", b'{"parameters": 3}', 400, "'parameters' must be dict"),
     ],
 )
 def test_bad_statistics_and_repository_calls(server: ServerProcess, path, body, status, message):

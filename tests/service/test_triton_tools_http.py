@@ -36,6 +36,22 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
         yield running
 
 
+def check_extensions(extensions: dict, first_input: np.ndarray) -> None:
+    """What the probe's get_model_repository_index, get_inference_statistics, unload/load and class_count=3 saw."""
+    assert {(entry["name"], entry["state"]) for entry in extensions["index"]} == {("digits_resnet", "READY")}
+    (stats,) = extensions["stats"]["model_stats"]
+    # Every infer of the probe before it asked: 2 arrays x 6 ways (the module's other tests may have run first).
+    assert stats["name"] == "digits_resnet" and stats["inference_stats"]["success"]["count"] >= 12
+    assert (extensions["unloaded_ready"], extensions["reloaded_ready"]) == (False, True)
+    eager = models.build("digits_resnet", "pretrained")
+    with torch.inference_mode():
+        reference = eager(torch.from_numpy(first_input))
+    for row, logits in zip(extensions["classification"], reference, strict=True):
+        scores, indices = zip(*((float(s), int(i)) for s, i, *_ in (entry.split(":") for entry in row)), strict=True)
+        assert list(indices) == logits.topk(3).indices.tolist()
+        assert_relative_close(torch.tensor(scores), logits.topk(3).values, CROSS_BACKEND_TOLERANCE, what="class_count")
+
+
 def test_tritonclient_http_works_unchanged(server: ServerProcess, tmp_path: Path):
     rng = np.random.default_rng(5)
     inputs = {
@@ -56,6 +72,7 @@ def test_tritonclient_http_works_unchanged(server: ServerProcess, tmp_path: Path
     assert model["metadata"]["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 3, SIZE, SIZE]}]
     assert model["metadata"]["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]
     assert model["config"]["max_batch_size"] == MAX_BATCH
+    check_extensions(report["extensions"], inputs["digits_resnet:0"])
 
     outputs = dict(np.load(tmp_path / "outputs.npz"))
     ways = {

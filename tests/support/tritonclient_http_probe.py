@@ -3,7 +3,8 @@ tritonclient_probe.py does: tritonclient's packages stay out of the test process
 
 Usage: python tests/support/tritonclient_http_probe.py HOST:PORT INPUTS.npz OUTPUTS.npz
 INPUTS.npz holds arrays named "<model>:<n>". Each is inferred several ways (JSON or binary input, JSON or binary output,
-async_infer, the asyncio client); the logits go to OUTPUTS.npz as "<name>|<way>". Liveness, readiness and metadata
+async_infer, the asyncio client); the logits go to OUTPUTS.npz as "<name>|<way>". Liveness, readiness, metadata, the
+extensions (repository index, statistics, unload then load, classification with class_count=3 on the first array)
 are printed as JSON.
 """
 
@@ -31,6 +32,25 @@ async def aio_logits(url: str, model: str, array: np.ndarray) -> np.ndarray:
         return (await client.infer(model, inputs, outputs=outputs)).as_numpy("logits")
     finally:
         await client.close()
+
+
+def extensions(client: httpclient.InferenceServerClient, model: str, array: np.ndarray) -> dict:
+    index = client.get_model_repository_index()
+    stats = client.get_inference_statistics(model)
+    client.unload_model(model)
+    unloaded_ready = client.is_model_ready(model)
+    client.load_model(model)
+    infer_input = httpclient.InferInput("input", list(array.shape), _DATATYPES[array.dtype])
+    infer_input.set_data_from_numpy(array)
+    top = httpclient.InferRequestedOutput("logits", binary_data=True, class_count=3)
+    classes = client.infer(model, [infer_input], outputs=[top]).as_numpy("logits")
+    return {
+        "index": index,
+        "stats": stats,
+        "unloaded_ready": unloaded_ready,
+        "reloaded_ready": client.is_model_ready(model),
+        "classification": [[entry.decode() for entry in row] for row in classes],
+    }
 
 
 def main(url: str, inputs_path: str, outputs_path: str) -> None:
@@ -65,6 +85,8 @@ def main(url: str, inputs_path: str, outputs_path: str) -> None:
             client.async_infer(model, inputs, outputs=requested).get_result().as_numpy("logits")
         )
         outputs[f"{key}|aio"] = asyncio.run(aio_logits(url, model, array))
+    first = min(key for key in arrays if key.startswith(f"{models[0]}:"))
+    report["extensions"] = extensions(client, models[0], arrays[first])
     client.close()
     np.savez(outputs_path, **outputs)
     print(json.dumps(report))
