@@ -8,21 +8,22 @@
 # libcudart.so.12 (unpacked from the nvidia-cuda-runtime-cu12 wheel; no GPU is needed to drive a server over the
 # network) and libb64 (Debian's libb64-0d). PERF_ANALYZER_INSTALL_ONLY=1: install, print the binary's path, exit.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+# No cd: perf_analyzer's own relative paths (-f results.csv, --input-data) stay relative to the caller's directory.
+root="$(cd "$(dirname "$0")/.." && pwd)"
 TRITONCLIENT_VERSION=2.40.0
 CUDA_RUNTIME_VERSION=12.9.79
-home=.venv/perf_analyzer
+home="$root/.venv/perf_analyzer"
 binary=$home/bin/perf_analyzer
 
 if [ ! -x "$binary" ] || [ ! -e "$home/lib/libcudart.so.12" ]; then
-    [ -x .venv/bin/python ] || bash scripts/setup.sh
+    [ -x "$root/.venv/bin/python" ] || bash "$root/scripts/setup.sh"
     wheels=$(mktemp -d)
     trap 'rm -rf "$wheels"' EXIT
-    .venv/bin/python -m pip download --quiet --disable-pip-version-check --no-deps --dest "$wheels" \
+    "$root/.venv/bin/python" -m pip download --quiet --disable-pip-version-check --no-deps --dest "$wheels" \
         "tritonclient==$TRITONCLIENT_VERSION" "nvidia-cuda-runtime-cu12==$CUDA_RUNTIME_VERSION" \
         2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
     mkdir -p "$home/bin" "$home/lib"
-    .venv/bin/python - "$wheels" "$home" "$TRITONCLIENT_VERSION" <<'PY'
+    "$root/.venv/bin/python" - "$wheels" "$home" "$TRITONCLIENT_VERSION" <<'PY'
 import pathlib, shutil, sys, zipfile
 
 wheels, home, version = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3]
@@ -45,4 +46,4 @@ if [ "${PERF_ANALYZER_INSTALL_ONLY:-0}" = 1 ]; then
     echo "$binary"
     exit 0
 fi
-LD_LIBRARY_PATH="$PWD/$home/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" exec "$binary" "$@"
+LD_LIBRARY_PATH="$home/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" exec "$binary" "$@"
