@@ -3,10 +3,10 @@
 `--callers` client threads (16) each send one image at a time and wait for its answer, as `--request` says:
 `classify` (a JPEG through Classify), `infer-fp32` (ModelInfer FP32 [1, 3, S, S], normalized values) or `infer-uint8`
 (ModelInfer UINT8 [1, S, S, 3], raw pixels); several are run one after the other against one server. The ceiling is
-`backend.run` at batch `--callers` on float32 NCHW in this process (bench.backend_throughput's timing), measured first,
-on the same machine, in the same run. A round is every caller sending `--requests` images; its rate is images / wall
-time, its server CPU per request the CPU seconds of the server's processes (all of them, from /proc) over the round /
-its requests. Median with spread over rounds (after one warm-up round), JSON to
+`backend.run` at batch `--callers` on float32 NCHW in this process (bench.backend_throughput's timing, and its CPU per
+image), measured first, on the same machine, in the same run. A round is every caller sending `--requests` images;
+its rate is images / wall time, its server CPU per request the CPU seconds of the server's processes (all of them,
+from /proc) over the round / its requests. Median with spread over rounds (after one warm-up round), JSON to
 <--out-dir>/serve_throughput_<cpu|cuda>_<date>.json (bench/results by default). The callers run on the same machine:
 on a small one they take CPU the server would otherwise have.
 
@@ -69,9 +69,14 @@ class Workload:
 def backend_alone(kind: str, arch: str, input_size: int, batch: int, reps: int) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backend = load(kind, input_size, batch, device, arch)
-    x = torch.randn(batch, 3, input_size, input_size)
-    seconds = time_cpu(functools.partial(backend.run, x), warmup=2, reps=reps)
-    return summarize(kind, backend, seconds, batch, input_size, arch)
+    run = functools.partial(backend.run, torch.randn(batch, 3, input_size, input_size))
+    run(), run()  # warm-up, outside the CPU reading
+    cpu_before = time.process_time()
+    seconds = time_cpu(run, warmup=0, reps=reps)
+    # This process's CPU (all its threads: onnxruntime's intra-op pool too) per image: the part of the server's CPU
+    # per request that is the model's, not the serving's.
+    cpu_ms_per_image = (time.process_time() - cpu_before) * 1e3 / (batch * len(seconds))
+    return {**summarize(kind, backend, seconds, batch, input_size, arch), "cpu_ms_per_image": cpu_ms_per_image}
 
 
 def photo_like_jpeg(seed: int = 0) -> bytes:
@@ -225,8 +230,8 @@ def main() -> None:
 
     ceiling = backend_alone(kind, args.arch, args.input_size, args.callers, args.reps)
     logger.info(
-        "backend alone, batch %d: %.1f images/s (median; batch p20 %.0f ms, p80 %.0f ms)",
-        args.callers, ceiling["images_per_s_median"], ceiling["p20_ms"], ceiling["p80_ms"],
+        "backend alone, batch %d: %.1f images/s (median; batch p20 %.0f ms, p80 %.0f ms), CPU %.2f ms/image",
+        args.callers, ceiling["images_per_s_median"], ceiling["p20_ms"], ceiling["p80_ms"], ceiling["cpu_ms_per_image"],
     )  # fmt: skip
 
     served = {}

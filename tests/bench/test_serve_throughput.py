@@ -27,6 +27,7 @@ def test_every_request_kind_is_served_and_measured(tmp_path: Path):
     (path,) = tmp_path.glob("serve_throughput_cpu_*.json")
     report = json.loads(path.read_text())
     assert report["backend_alone"]["arch"] == "digits_resnet" and report["backend_alone"]["batch"] == CALLERS
+    assert report["backend_alone"]["cpu_ms_per_image"] >= 0
     assert list(report["served"]) == list(REQUESTS)
     payloads = [report["served"][request]["payload"] for request in REQUESTS]
     assert payloads[0].startswith("JPEG") and "FP32 [1, 3, 32, 32]" in payloads[1]
