@@ -154,7 +154,7 @@ def start_server(kind: str, arch: str, input_size: int, batch: int, directory: P
 
 def served_round(work: Workload, callers: int, requests: int, server_pid: int) -> dict:
     """Every caller sends `requests` images one at a time; the round's images/s, mean batch (as each request saw it:
-    requests weighted, not batches) and the server's CPU per request."""
+    requests weighted, not batches) and the server's and the callers' CPU per request."""
     start_together = threading.Barrier(callers)
 
     def caller(_: int) -> list[int | None]:
@@ -162,12 +162,13 @@ def served_round(work: Workload, callers: int, requests: int, server_pid: int) -
         return [work.send() for _ in range(requests)]
 
     counts_before = work.batch_counts() if work.batch_counts else Counter()
-    cpu_before = tree_cpu_seconds(server_pid)
+    cpu_before, client_cpu_before = tree_cpu_seconds(server_pid), time.process_time()
     started = time.perf_counter()
     with ThreadPoolExecutor(callers) as pool:
         answers = [size for sizes in pool.map(caller, range(callers)) for size in sizes]
     seconds = time.perf_counter() - started
     cpu_seconds = tree_cpu_seconds(server_pid) - cpu_before
+    client_cpu_seconds = time.process_time() - client_cpu_before
     if work.batch_counts:
         executions = work.batch_counts() - counts_before
         mean_batch = sum(size * size * n for size, n in executions.items()) / sum(
@@ -181,6 +182,8 @@ def served_round(work: Workload, callers: int, requests: int, server_pid: int) -
         "mean_batch": mean_batch,
         "server_cpu_s": cpu_seconds,
         "server_cpu_ms_per_request": cpu_seconds * 1e3 / len(answers),
+        # The callers share the machine with the server: what they took of it, per request.
+        "client_cpu_ms_per_request": client_cpu_seconds * 1e3 / len(answers),
     }
 
 

@@ -36,7 +36,7 @@ def test_every_request_kind_is_served_and_measured(tmp_path: Path):
         assert len(served["rounds"]) == 2, request
         for measured in served["rounds"]:
             assert measured["images_per_s"] > 0 and 1 <= measured["mean_batch"] <= CALLERS, (request, measured)
-            assert measured["server_cpu_s"] >= 0, (request, measured)
+            assert measured["server_cpu_s"] >= 0 and measured["client_cpu_ms_per_request"] >= 0, (request, measured)
             per_request = measured["server_cpu_s"] * 1e3 / (CALLERS * REQUESTS_PER_CALLER)
             assert abs(measured["server_cpu_ms_per_request"] - per_request) < 1e-9
         rate = served["images_per_s"]
