@@ -138,6 +138,7 @@ def start_server(kind: str, arch: str, input_size: int, batch: int, directory: P
     deadline = time.monotonic() + 600
     with grpc.insecure_channel(address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
+        index = kserve_pb2_grpc.GRPCInferenceServiceStub(channel).RepositoryIndex
         while time.monotonic() < deadline and process.poll() is None:
             try:
                 if (
@@ -145,6 +146,9 @@ def start_server(kind: str, arch: str, input_size: int, batch: int, directory: P
                     == health_pb2.HealthCheckResponse.SERVING
                 ):
                     return process, address
+                # A model that failed to load never becomes ready: stop now rather than wait out the deadline.
+                if index(kserve_pb2.RepositoryIndexRequest(), timeout=2).models[0].state == "UNAVAILABLE":
+                    break
             except grpc.RpcError:
                 pass
             time.sleep(0.5)

@@ -60,3 +60,15 @@ def test_tree_cpu_seconds_counts_a_grandchild():
         assert tree_cpu_seconds(process.pid) >= 0.3
     finally:
         process.communicate("\n", timeout=30)
+
+
+def test_a_model_that_cannot_load_stops_the_bench_at_once_with_the_servers_reason(tmp_path: Path):
+    command = [sys.executable, "-m", "bench.serve_throughput", "--request", "infer-uint8", "--arch", "digits_resnet"]
+    command += ["--input-size", "8", "--backend", "onnxruntime", "--callers", "2", "--requests", "1", "--rounds", "1"]
+    command += ["--reps", "1", "--out-dir", str(tmp_path)]
+    done = subprocess.run(
+        command, cwd=REPO_ROOT, env={**os.environ, **CPU_ONLY}, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode != 0
+    assert "server did not become ready" in done.stderr and "takes 32x32 inputs, not 8" in done.stderr
+    assert not list(tmp_path.iterdir())
