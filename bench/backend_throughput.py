@@ -31,19 +31,21 @@ ARCH = "resnet18"
 logger = logging.getLogger("bench.backend_throughput")
 
 
-def load(variant: str, input_size: int, batch: int, device: torch.device) -> Backend:
-    model = models.build(ARCH, weights="random", seed=0)
+def load(variant: str, input_size: int, batch: int, device: torch.device, arch: str = ARCH) -> Backend:
+    model = models.build(arch, weights="random", seed=0)
     if variant == "eager-nchw":
         return EagerBackend(model, input_size=input_size, device=device, channels_last=False)
     return create_backend(variant, model, input_size=input_size, max_batch_size=batch, device=device)
 
 
-def summarize(variant: str, backend: Backend, seconds: list[float], batch: int, input_size: int) -> dict:
+def summarize(
+    variant: str, backend: Backend, seconds: list[float], batch: int, input_size: int, arch: str = ARCH
+) -> dict:
     p20, p50, p80 = (float(np.quantile(seconds, q)) for q in (0.2, 0.5, 0.8))
     return {
         "backend": variant,
         "device": str(backend.device),
-        "arch": ARCH,
+        "arch": arch,
         "batch": batch,
         "input_size": input_size,
         "reps": len(seconds),

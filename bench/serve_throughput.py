@@ -1,12 +1,17 @@
 """Served images/s against the backend alone: ResNet-18 (random weights) at 224x224 through `python -m service`.
 
-`--callers` client threads (16) each send one JPEG at a time through Classify and wait for its answer; the ceiling is
-`backend.run` at batch `--callers` in this process (bench.backend_throughput's timing), measured first, on the same
-machine, in the same run. A round is every caller sending `--requests` images; its rate is images / wall time. Median
-with spread over rounds (after one warm-up round), JSON to <--out-dir>/serve_throughput_<cpu|cuda>_<date>.json
-(bench/results by default).
+`--callers` client threads (16) each send one image at a time and wait for its answer, as `--request` says:
+`classify` (a JPEG through Classify), `infer-fp32` (ModelInfer FP32 [1, 3, S, S], normalized values) or `infer-uint8`
+(ModelInfer UINT8 [1, S, S, 3], raw pixels); several are run one after the other against one server. The ceiling is
+`backend.run` at batch `--callers` on float32 NCHW in this process (bench.backend_throughput's timing, and its CPU per
+image), measured first, on the same machine, in the same run. A round is every caller sending `--requests` images;
+its rate is images / wall time, its server CPU per request the CPU seconds of the server's processes (all of them,
+from /proc) over the round / its requests. Median with spread over rounds (after one warm-up round), JSON to
+<--out-dir>/serve_throughput_<cpu|cuda>_<date>.json (bench/results by default). The callers run on the same machine:
+on a small one they take CPU the server would otherwise have.
 
-    python -m bench.serve_throughput [--backend auto] [--callers 16] [--requests 4] [--rounds 5] [--out-dir DIR]
+    python -m bench.serve_throughput [--request classify infer-fp32 infer-uint8] [--backend auto] [--callers 16]
+        [--requests 4] [--rounds 5] [--arch resnet18] [--input-size 224] [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -25,7 +30,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -36,18 +44,39 @@ from PIL import Image
 
 from bench.backend_throughput import ARCH, load, summarize
 from bench.common import RESULTS, command_name, machine, time_cpu
+from bench.process_cpu import tree_cpu_seconds
 from service._proto import classifier_pb2, classifier_pb2_grpc
+from service._proto import grpc_service_pb2 as kserve_pb2
+from service._proto import grpc_service_pb2_grpc as kserve_pb2_grpc
 from service.backends import resolve_backend_kind
 
 INPUT_SIZE = 224
+REQUESTS = ("classify", "infer-fp32", "infer-uint8")
 logger = logging.getLogger("bench.serve_throughput")
 
 
-def backend_alone(kind: str, batch: int, reps: int) -> dict:
+@dataclass(frozen=True)
+class Workload:
+    """What each caller sends: `send` makes one call and returns the batch it was computed in when the answer says so
+    (Classify); otherwise `batch_counts` reads the server's batch executions by size so far (ModelStatistics)."""
+
+    request: str
+    payload: str
+    send: Callable[[], int | None]
+    batch_counts: Callable[[], Counter[int]] | None = None
+
+
+def backend_alone(kind: str, arch: str, input_size: int, batch: int, reps: int) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backend = load(kind, INPUT_SIZE, batch, device)
-    x = torch.randn(batch, 3, INPUT_SIZE, INPUT_SIZE)
-    return summarize(kind, backend, time_cpu(functools.partial(backend.run, x), warmup=2, reps=reps), batch, INPUT_SIZE)
+    backend = load(kind, input_size, batch, device, arch)
+    run = functools.partial(backend.run, torch.randn(batch, 3, input_size, input_size))
+    run(), run()  # warm-up, outside the CPU reading
+    cpu_before = time.process_time()
+    seconds = time_cpu(run, warmup=0, reps=reps)
+    # This process's CPU (all its threads: onnxruntime's intra-op pool too) per image: the part of the server's CPU
+    # per request that is the model's, not the serving's.
+    cpu_ms_per_image = (time.process_time() - cpu_before) * 1e3 / (batch * len(seconds))
+    return {**summarize(kind, backend, seconds, batch, input_size, arch), "cpu_ms_per_image": cpu_ms_per_image}
 
 
 def photo_like_jpeg(seed: int = 0) -> bytes:
@@ -61,12 +90,42 @@ def photo_like_jpeg(seed: int = 0) -> bytes:
     return buffer.getvalue()
 
 
-def start_server(kind: str, batch: int, directory: Path) -> tuple[subprocess.Popen, str]:
+def workload(request: str, channel: grpc.Channel, model: str, input_size: int) -> Workload:
+    """The `request` kind's one-image call on `channel`, its payload built once (seeded)."""
+    if request == "classify":
+        image = photo_like_jpeg()
+        classify = classifier_pb2_grpc.ClassifierStub(channel).Classify
+        message = classifier_pb2.ClassifyRequest(model=model, image=image, top_k=1)
+        return Workload(request, f"JPEG 320x240, {len(image)} bytes", lambda: classify(message, timeout=600).batch_size)
+    rng = np.random.default_rng(0)
+    if request == "infer-fp32":
+        datatype, shape = "FP32", [1, 3, input_size, input_size]
+        values = rng.standard_normal(shape, dtype=np.float32).astype("<f4")
+    elif request == "infer-uint8":
+        datatype, shape = "UINT8", [1, input_size, input_size, 3]
+        values = rng.integers(0, 256, shape, dtype=np.uint8)
+    else:
+        raise ValueError(f"unknown request {request!r}; one of {', '.join(REQUESTS)}")
+    inference = kserve_pb2_grpc.GRPCInferenceServiceStub(channel)
+    tensor = kserve_pb2.ModelInferRequest.InferInputTensor(name="input", datatype=datatype, shape=shape)
+    message = kserve_pb2.ModelInferRequest(model_name=model, inputs=[tensor], raw_input_contents=[values.tobytes()])
+
+    def send() -> None:
+        inference.ModelInfer(message, timeout=600)
+
+    def batch_counts() -> Counter[int]:
+        (stats,) = inference.ModelStatistics(kserve_pb2.ModelStatisticsRequest(name=model), timeout=60).model_stats
+        return Counter({batch.batch_size: batch.compute_infer.count for batch in stats.batch_stats})
+
+    return Workload(request, f"ModelInfer {datatype} {shape}, raw_input_contents", send, batch_counts)
+
+
+def start_server(kind: str, arch: str, input_size: int, batch: int, directory: Path) -> tuple[subprocess.Popen, str]:
     repository = directory / "models.toml"
     # A delay window far shorter than one batch's compute but longer than the callers take to send again, so
     # batches fill up to `batch` and are dispatched the moment they are full.
     repository.write_text(
-        f'[models.{ARCH}]\narch = "{ARCH}"\nweights = "random"\ninput_size = {INPUT_SIZE}\n'
+        f'[models.{arch}]\narch = "{arch}"\nweights = "random"\ninput_size = {input_size}\n'
         f'backend = "{kind}"\nmax_batch_size = {batch}\nmax_queue_delay_us = 100000\n'
     )
     with socket.socket() as probe:
@@ -79,6 +138,7 @@ def start_server(kind: str, batch: int, directory: Path) -> tuple[subprocess.Pop
     deadline = time.monotonic() + 600
     with grpc.insecure_channel(address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
+        index = kserve_pb2_grpc.GRPCInferenceServiceStub(channel).RepositoryIndex
         while time.monotonic() < deadline and process.poll() is None:
             try:
                 if (
@@ -86,6 +146,9 @@ def start_server(kind: str, batch: int, directory: Path) -> tuple[subprocess.Pop
                     == health_pb2.HealthCheckResponse.SERVING
                 ):
                     return process, address
+                # A model that failed to load never becomes ready: stop now rather than wait out the deadline.
+                if index(kserve_pb2.RepositoryIndexRequest(), timeout=2).models[0].state == "UNAVAILABLE":
+                    break
             except grpc.RpcError:
                 pass
             time.sleep(0.5)
@@ -93,27 +156,75 @@ def start_server(kind: str, batch: int, directory: Path) -> tuple[subprocess.Pop
     raise RuntimeError(f"server did not become ready:\n{(directory / 'server.log').read_text()}")
 
 
-def served_round(stub: classifier_pb2_grpc.ClassifierStub, image: bytes, callers: int, requests: int) -> dict:
-    """Every caller sends `requests` images one at a time; returns the round's images/s and mean batch size."""
+def served_round(work: Workload, callers: int, requests: int, server_pid: int) -> dict:
+    """Every caller sends `requests` images one at a time; the round's images/s, mean batch (as each request saw it:
+    requests weighted, not batches) and the server's and the callers' CPU per request."""
     start_together = threading.Barrier(callers)
-    request = classifier_pb2.ClassifyRequest(model=ARCH, image=image, top_k=1)
 
-    def caller(_: int) -> list[int]:
+    def caller(_: int) -> list[int | None]:
         start_together.wait()
-        return [stub.Classify(request, timeout=600).batch_size for _ in range(requests)]
+        return [work.send() for _ in range(requests)]
 
+    counts_before = work.batch_counts() if work.batch_counts else Counter()
+    cpu_before, client_cpu_before = tree_cpu_seconds(server_pid), time.process_time()
     started = time.perf_counter()
     with ThreadPoolExecutor(callers) as pool:
-        batch_sizes = [size for sizes in pool.map(caller, range(callers)) for size in sizes]
+        answers = [size for sizes in pool.map(caller, range(callers)) for size in sizes]
     seconds = time.perf_counter() - started
-    return {"images_per_s": len(batch_sizes) / seconds, "seconds": seconds, "mean_batch": float(np.mean(batch_sizes))}
+    cpu_seconds = tree_cpu_seconds(server_pid) - cpu_before
+    client_cpu_seconds = time.process_time() - client_cpu_before
+    if work.batch_counts:
+        executions = work.batch_counts() - counts_before
+        mean_batch = sum(size * size * n for size, n in executions.items()) / sum(
+            size * n for size, n in executions.items()
+        )
+    else:
+        mean_batch = float(np.mean([size for size in answers if size is not None]))
+    return {
+        "images_per_s": len(answers) / seconds,
+        "seconds": seconds,
+        "mean_batch": mean_batch,
+        "server_cpu_s": cpu_seconds,
+        "server_cpu_ms_per_request": cpu_seconds * 1e3 / len(answers),
+        # The callers share the machine with the server: what they took of it, per request.
+        "client_cpu_ms_per_request": client_cpu_seconds * 1e3 / len(answers),
+    }
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    p20, p50, p80 = (float(np.quantile(values, q)) for q in (0.2, 0.5, 0.8))
+    return {"median": p50, "p20": p20, "p80": p80}
+
+
+def serve(work: Workload, args: argparse.Namespace, server_pid: int, ceiling: dict) -> dict:
+    served_round(work, args.callers, args.requests, server_pid)  # warm-up
+    rounds = [served_round(work, args.callers, args.requests, server_pid) for _ in range(args.rounds)]
+    rate = spread([r["images_per_s"] for r in rounds])
+    cpu = spread([r["server_cpu_ms_per_request"] for r in rounds])
+    ratio = rate["median"] / ceiling["images_per_s_median"]
+    logger.info(
+        "%s, %d callers one image at a time: %.1f images/s (median; p20 %.1f, p80 %.1f), mean batch %.1f, "
+        "server CPU %.2f ms/request (p20 %.2f, p80 %.2f); served / backend alone: %.2f",
+        work.request, args.callers, rate["median"], rate["p20"], rate["p80"],
+        float(np.mean([r["mean_batch"] for r in rounds])), cpu["median"], cpu["p20"], cpu["p80"], ratio,
+    )  # fmt: skip
+    return {
+        "payload": work.payload,
+        "rounds": rounds,
+        "images_per_s": rate,
+        "server_cpu_ms_per_request": cpu,
+        "served_over_backend": ratio,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         prog=command_name(), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--request", nargs="+", choices=REQUESTS, default=["classify"], help="what callers send")
     parser.add_argument("--backend", default="auto", help="auto, eager, fused or onnxruntime")
+    parser.add_argument("--arch", default=ARCH, help="the served model (random weights), e.g. digits_resnet")
+    parser.add_argument("--input-size", type=int, default=INPUT_SIZE)
     parser.add_argument("--callers", type=int, default=16, help="concurrent callers; also the batch of the ceiling")
     parser.add_argument("--requests", type=int, default=4, help="images each caller sends per round")
     parser.add_argument("--rounds", type=int, default=5)
@@ -124,47 +235,38 @@ def main() -> None:
     kind = resolve_backend_kind(args.backend)
     load_before = os.getloadavg()
 
-    ceiling = backend_alone(kind, args.callers, args.reps)
+    ceiling = backend_alone(kind, args.arch, args.input_size, args.callers, args.reps)
     logger.info(
-        "backend alone, batch %d: %.1f images/s (median; batch p20 %.0f ms, p80 %.0f ms)",
-        args.callers, ceiling["images_per_s_median"], ceiling["p20_ms"], ceiling["p80_ms"],
+        "backend alone, batch %d: %.1f images/s (median; batch p20 %.0f ms, p80 %.0f ms), CPU %.2f ms/image",
+        args.callers, ceiling["images_per_s_median"], ceiling["p20_ms"], ceiling["p80_ms"], ceiling["cpu_ms_per_image"],
     )  # fmt: skip
 
-    image = photo_like_jpeg()
+    served = {}
     with tempfile.TemporaryDirectory() as directory:
-        process, address = start_server(kind, args.callers, Path(directory))
+        process, address = start_server(kind, args.arch, args.input_size, args.callers, Path(directory))
         try:
             with grpc.insecure_channel(address) as channel:
-                stub = classifier_pb2_grpc.ClassifierStub(channel)
-                served_round(stub, image, args.callers, args.requests)  # warm-up
-                rounds = [served_round(stub, image, args.callers, args.requests) for _ in range(args.rounds)]
+                for request in args.request:
+                    served[request] = serve(
+                        workload(request, channel, args.arch, args.input_size), args, process.pid, ceiling
+                    )
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=120)
 
-    rates = [r["images_per_s"] for r in rounds]
-    p20, p50, p80 = (float(np.quantile(rates, q)) for q in (0.2, 0.5, 0.8))
-    ratio = p50 / ceiling["images_per_s_median"]
-    logger.info(
-        "served, %d callers one image at a time: %.1f images/s (median; p20 %.1f, p80 %.1f), mean batch %.1f",
-        args.callers, p50, p20, p80, float(np.mean([r["mean_batch"] for r in rounds])),
-    )  # fmt: skip
-    logger.info("served / backend alone: %.2f", ratio)
-
     now = datetime.datetime.now(datetime.UTC)
     report = {
-        "question": "served images/s (Classify, JPEG, concurrent callers one image at a time) vs the backend alone",
+        "question": "served images/s (concurrent callers one image at a time) and server CPU per request vs the "
+        "backend alone",
         "date": now.isoformat(timespec="seconds"),
         "machine": machine(),
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
-        "image_bytes": len(image),
+        "command": sys.argv[1:],
         "callers": args.callers,
         "requests_per_caller": args.requests,
         "backend_alone": ceiling,
-        "served_rounds": rounds,
-        "served_images_per_s": {"median": p50, "p20": p20, "p80": p80},
-        "served_over_backend": ratio,
+        "served": served,
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"

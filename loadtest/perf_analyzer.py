@@ -1,9 +1,10 @@
 """One concurrency step driven by NVIDIA's perf_analyzer (C++, no GIL) instead of Locust, as the same StepResult.
 
 perf_analyzer sends KServe v2 ModelInfer over gRPC with random data in the layout ModelMetadata advertises (FP32
-[1, 3, S, S]); it cannot send the UINT8 NHWC layout, since it takes each input's datatype and shape from the model's
-metadata and config (`--input-data` with a [32, 32, 3] tensor: "The supplied shape of [32,32,3] for input "input" is
-incompatible with the model's input shape of [3,32,32]"). The
+[1, 3, S, S] for the servers loadtest starts); it takes each input's datatype and shape from the model's metadata and
+config (`--input-data` with a [32, 32, 3] tensor: "The supplied shape of [32,32,3] for input "input" is incompatible
+with the model's input shape of [3,32,32]"), so it sends UINT8 NHWC only to a model whose repository table says
+`advertised_input = "uint8_nhwc"`. The
 step's duration is split into three time windows, the fewest perf_analyzer judges stability on; with
 `stability_percentage` above their spread the three count as stable and the step ends after them, so a step takes
 the same time as a Locust step. Its figures cover the requests of those windows: throughput, the client-side

@@ -17,6 +17,7 @@ import models
 from models.precision import FLOAT32, PRECISIONS, Precision, parse_precision
 from service.backends.base import AUTO_BACKEND, BACKEND_CHOICES
 from service.batch_plan import BucketPolicy
+from service.input_layout import AdvertisedInput
 
 DEFAULT_REPOSITORY = Path(str(resources.files("service").joinpath("default_repository.toml")))
 BUILTIN_LABELS = ("imagenet",)
@@ -46,10 +47,12 @@ class ModelConfig:
     max_queue_size: int | None = None
     precision: Precision = FLOAT32
     bucket_policy: BucketPolicy = BucketPolicy.COST  # where batches close among the backend's graph buckets
+    # The input layout ModelMetadata/ModelConfig advertise; ModelInfer accepts both layouts whatever it is.
+    advertised_input: AdvertisedInput = AdvertisedInput.FP32_NCHW
     required: bool = False  # the server is not ready (health NOT_SERVING) unless this model is
 
 
-_STRING_KEYS = {"arch", "weights", "labels", "backend", "dtype", "bucket_policy"}
+_STRING_KEYS = {"arch", "weights", "labels", "backend", "dtype", "bucket_policy", "advertised_input"}
 _INT_MINIMUMS = {
     "input_size": 1,
     "max_batch_size": 1,
@@ -118,8 +121,16 @@ def _parse_model(name: str, table: object, path: Path) -> ModelConfig:
         raise RepositoryError(
             f"{where}: bucket_policy must be one of {', '.join(BucketPolicy)}, got {table['bucket_policy']!r}"
         ) from None
+    try:
+        advertised_input = AdvertisedInput(values.pop("advertised_input", AdvertisedInput.FP32_NCHW))
+    except ValueError:
+        raise RepositoryError(
+            f"{where}: advertised_input must be one of {', '.join(AdvertisedInput)}, got {table['advertised_input']!r}"
+        ) from None
     if values.get("weights", "pretrained") not in ("pretrained", "random"):
         values["weights"] = str(base_dir / values["weights"])
     if values.get("labels") is not None and values["labels"] not in BUILTIN_LABELS:
         values["labels"] = str(base_dir / values["labels"])
-    return ModelConfig(name=name, precision=precision, bucket_policy=bucket_policy, **values)
+    return ModelConfig(
+        name=name, precision=precision, bucket_policy=bucket_policy, advertised_input=advertised_input, **values
+    )

@@ -4,8 +4,10 @@ The one input, "input", comes in one of two layouts:
 - UINT8 [n, S, S, 3]: raw images, NHWC as images are decoded -> uint8 NHWC, normalized by the backend on its device;
 - FP32 or FP16 [n, 3, S, S]: images already normalized (the model's mean/std), NCHW -> float32 NCHW (FP16 is widened
   exactly, here at the edge: no backend takes FP16 input).
-ModelMetadata lists one datatype per input, as Triton's does; it lists FP32 [-1, 3, S, S], the layout every existing
-client (tritonclient, loadtest) builds from it, and the UINT8 layout is documented here and in the README.
+ModelMetadata and ModelConfig list one datatype per input, as Triton's do: the layout the repository key
+`advertised_input` names (service/input_layout.py): FP32 [-1, 3, S, S] by default, the layout every existing client
+builds from it, or UINT8 [-1, S, S, 3] for clients such as perf_analyzer that send only what is advertised. Both
+layouts are accepted whatever is advertised.
 
 The values travel as Triton takes them: in `raw_input_contents` (one entry, little-endian bytes), or in the input's
 typed `contents`: `fp32_contents` for FP32, `uint_contents` for UINT8. InferTensorContents has no field for FP16, so
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 from service._proto import grpc_service_pb2 as pb
+from service.input_layout import image_dims
 from service.rpc import RpcError
 
 INPUT_NAME = "input"
@@ -51,7 +54,7 @@ def input_tensor(request: pb.ModelInferRequest, model_name: str, input_size: int
     if dtype is None:
         raise _invalid(f"input datatype {_echo(tensor.datatype)} is not supported; send UINT8, FP32 or FP16")
     shape = list(tensor.shape)
-    expected = _expected_shape(tensor.datatype, input_size)
+    expected = image_dims(tensor.datatype, input_size)
     if len(shape) != 4 or shape[0] < 1 or shape[1:] != expected:
         raise _invalid(
             f"{tensor.datatype} input shape {_echo(shape[:8])} does not match the model's {[-1, *expected]}"
@@ -62,10 +65,6 @@ def input_tensor(request: pb.ModelInferRequest, model_name: str, input_size: int
         return torch.from_numpy(values)
     # astype copies into a writable float32 array (a raw view is read-only, FP16 needs widening anyway).
     return torch.from_numpy(values.astype(np.float32))
-
-
-def _expected_shape(datatype: str, size: int) -> list[int]:
-    return [size, size, 3] if datatype == "UINT8" else [3, size, size]
 
 
 def _values(

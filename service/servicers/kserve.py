@@ -1,7 +1,8 @@
 """inference.GRPCInferenceService (KServe v2 / Open Inference Protocol) with Triton's extensions.
 
 Every model has one input, "input": UINT8 raw images [-1, S, S, 3] or FP32/FP16 normalized ones [-1, 3, S, S]
-(service/tensor_input.py parses it), and one output, "logits", FP32 [-1, classes] in raw_output_contents. With a
+(service/tensor_input.py parses it; ModelMetadata/ModelConfig advertise the repository's `advertised_input`), and one
+output, "logits", FP32 [-1, classes] in raw_output_contents. With a
 `classification` parameter (tritonclient's class_count) on the requested output, "logits" is instead Triton's BYTES
 [-1, class_count] of "score:index:label". Implemented besides the core RPCs: ModelStreamInfer, ModelConfig,
 ModelStatistics, RepositoryIndex, RepositoryModelLoad/Unload (EXTENSIONS); shared memory, trace and log settings
@@ -34,11 +35,12 @@ from service.servicers.kserve_messages import (
     OUTPUT_NAME,
     classification_output,
     model_config,
+    model_metadata,
     model_statistics,
     repository_index,
 )
 from service.statistics import RequestTimes
-from service.tensor_input import INPUT_NAME, input_tensor
+from service.tensor_input import input_tensor
 
 SERVER_NAME = "fused-resnet"
 # What ServerMetadata lists: exactly the Triton extensions this server implements.
@@ -116,20 +118,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelMetadataResponse:
         model = self._models.ready_model(request.name)
         _check_version(model.name, request.version)
-        size = model.preprocessing.input_size
-        return pb.ModelMetadataResponse(
-            name=model.name,
-            versions=[MODEL_VERSION],
-            platform=model.backend.name,
-            inputs=[
-                pb.ModelMetadataResponse.TensorMetadata(name=INPUT_NAME, datatype="FP32", shape=[-1, 3, size, size])
-            ],
-            outputs=[
-                pb.ModelMetadataResponse.TensorMetadata(
-                    name=OUTPUT_NAME, datatype="FP32", shape=[-1, model.output.num_classes]
-                )
-            ],
-        )
+        return model_metadata(self._models.find(model.name), model)
 
     @rpc_handler(lambda request: request.name)
     async def ModelConfig(

@@ -10,11 +10,17 @@ import numpy as np
 
 from service._proto import grpc_service_pb2 as pb
 from service._proto import model_config_pb2 as mc
+from service.input_layout import AdvertisedInput
 from service.lifecycle import Draining, Failed, Loaded, Loading, ModelState, Ready, ServedModel, Unloaded
 from service.statistics import Duration, ModelStats
 from service.tensor_input import INPUT_NAME
 
 MODEL_VERSION = "1"
+_CONFIG_TYPES = {AdvertisedInput.FP32_NCHW: mc.TYPE_FP32, AdvertisedInput.UINT8_NHWC: mc.TYPE_UINT8}
+_CONFIG_FORMATS = {
+    AdvertisedInput.FP32_NCHW: mc.ModelInput.FORMAT_NCHW,
+    AdvertisedInput.UINT8_NHWC: mc.ModelInput.FORMAT_NHWC,
+}
 OUTPUT_NAME = "logits"
 # The state names of Triton's repository index.
 _INDEX_STATE: dict[type[ModelState], str] = {
@@ -26,10 +32,33 @@ _INDEX_STATE: dict[type[ModelState], str] = {
 }
 
 
+def model_metadata(served: ServedModel, loaded: Loaded) -> pb.ModelMetadataResponse:
+    """Triton's ModelMetadata: the input in the layout the repository advertises, batch dimension -1."""
+    advertised = served.config.advertised_input
+    return pb.ModelMetadataResponse(
+        name=served.name,
+        versions=[MODEL_VERSION],
+        platform=loaded.backend.name,
+        inputs=[
+            pb.ModelMetadataResponse.TensorMetadata(
+                name=INPUT_NAME,
+                datatype=advertised.datatype,
+                shape=[-1, *advertised.dims(loaded.preprocessing.input_size)],
+            )
+        ],
+        outputs=[
+            pb.ModelMetadataResponse.TensorMetadata(
+                name=OUTPUT_NAME, datatype="FP32", shape=[-1, loaded.output.num_classes]
+            )
+        ],
+    )
+
+
 def model_config(served: ServedModel, loaded: Loaded) -> mc.ModelConfig:
     """The model's configuration as Triton's ModelConfig. With max_batch_size > 0, Triton's dims leave out the batch
-    dimension: the input is [3, S, S] and the output [classes], as perf_analyzer expects."""
-    size = loaded.preprocessing.input_size
+    dimension: the input is [3, S, S] (FP32 NCHW) or [S, S, 3] (UINT8 NHWC, as advertised) and the output [classes],
+    as perf_analyzer expects."""
+    advertised = served.config.advertised_input
     device = loaded.backend.device
     on_gpu = device.type == "cuda"
     return mc.ModelConfig(
@@ -39,7 +68,10 @@ def model_config(served: ServedModel, loaded: Loaded) -> mc.ModelConfig:
         max_batch_size=served.config.max_batch_size,
         input=[
             mc.ModelInput(
-                name=INPUT_NAME, data_type=mc.TYPE_FP32, format=mc.ModelInput.FORMAT_NCHW, dims=[3, size, size]
+                name=INPUT_NAME,
+                data_type=_CONFIG_TYPES[advertised],
+                format=_CONFIG_FORMATS[advertised],
+                dims=advertised.dims(loaded.preprocessing.input_size),
             )
         ],
         output=[mc.ModelOutput(name=OUTPUT_NAME, data_type=mc.TYPE_FP32, dims=[loaded.output.num_classes])],

@@ -13,10 +13,17 @@ import torch
 from models import digits
 from models.precision import FLOAT32
 from service._proto import model_config_pb2 as mc
+from service.input_layout import AdvertisedInput
 from service.lifecycle import Draining, Failed, Loaded, Loading, ModelState, OutputSpec, Ready, ServedModel, Unloaded
 from service.repository import ModelConfig
 from service.servicers import kserve
-from service.servicers.kserve_messages import classification_output, model_config, model_statistics, repository_index
+from service.servicers.kserve_messages import (
+    classification_output,
+    model_config,
+    model_metadata,
+    model_statistics,
+    repository_index,
+)
 from service.statistics import InferenceStatistics, RequestTimes
 from tests.support.server import REPO_ROOT
 
@@ -39,6 +46,30 @@ def test_a_gpu_models_config():
     assert batching.default_queue_policy.max_queue_size == 7
     (group,) = config.instance_group
     assert (group.kind, list(group.gpus), group.count) == (mc.ModelInstanceGroup.KIND_GPU, [1], 1)
+
+
+def test_the_advertised_input_layout_reaches_metadata_and_config():
+    size = digits.INPUT_SIZE
+    expected = {
+        AdvertisedInput.FP32_NCHW: ("FP32", mc.TYPE_FP32, mc.ModelInput.FORMAT_NCHW, [3, size, size]),
+        AdvertisedInput.UINT8_NHWC: ("UINT8", mc.TYPE_UINT8, mc.ModelInput.FORMAT_NHWC, [size, size, 3]),
+    }
+    for advertised, (datatype, config_type, config_format, dims) in expected.items():
+        model = served("m", Ready(LOADED), advertised_input=advertised)
+        (metadata_input,) = model_metadata(model, LOADED).inputs
+        assert (metadata_input.name, metadata_input.datatype, list(metadata_input.shape)) == (
+            "input",
+            datatype,
+            [-1, *dims],
+        )
+        (config_input,) = model_config(model, LOADED).input
+        assert (config_input.data_type, config_input.format, list(config_input.dims)) == (
+            config_type,
+            config_format,
+            dims,
+        )
+    (metadata_output,) = model_metadata(served("m", Ready(LOADED)), LOADED).outputs
+    assert (metadata_output.datatype, list(metadata_output.shape)) == ("FP32", [-1, 3])
 
 
 def test_the_index_names_every_state_as_triton_does():

@@ -9,6 +9,7 @@ import torch
 
 from models.precision import PRECISIONS
 from service.batch_plan import BucketPolicy
+from service.input_layout import AdvertisedInput
 from service.labels import load_labels
 from service.repository import DEFAULT_REPOSITORY, ModelConfig, RepositoryError, load_repository
 from tests.support.server import REPO_ROOT
@@ -79,6 +80,14 @@ def test_bucket_policy_is_parsed_and_defaults_to_cost(tmp_path: Path, policy: Bu
     assert default.bucket_policy is BucketPolicy.COST
 
 
+@pytest.mark.parametrize("advertised", list(AdvertisedInput))
+def test_advertised_input_is_parsed_and_defaults_to_fp32_nchw(tmp_path: Path, advertised: AdvertisedInput):
+    (config,) = load_repository(_write(tmp_path, f'[models.m]\narch = "resnet18"\nadvertised_input = "{advertised}"\n'))
+    assert config.advertised_input is advertised
+    (default,) = load_repository(_write(tmp_path, '[models.m]\narch = "resnet18"\n'))
+    assert default.advertised_input is AdvertisedInput.FP32_NCHW
+
+
 @pytest.mark.parametrize(
     ("table", "message"),
     [
@@ -94,6 +103,11 @@ def test_bucket_policy_is_parsed_and_defaults_to_cost(tmp_path: Path, policy: Bu
         ('arch = "resnet18"\nbackend = "tensorrt"', "backend must be one of"),
         ('arch = "resnet18"\ndtype = "int8"', "dtype must be one of"),
         ('arch = "resnet18"\nbucket_policy = "greedy"', "bucket_policy must be one of pad, fill, cost, got 'greedy'"),
+        (
+            'arch = "resnet18"\nadvertised_input = "uint8_nchw"',
+            "advertised_input must be one of fp32_nchw, uint8_nhwc, got 'uint8_nchw'",
+        ),
+        ('arch = "resnet18"\nadvertised_input = 8', "advertised_input must be a string, got 8"),
         ('arch = "resnet18"\nmax_batch_size = -4', "max_batch_size must be an integer >= 1, got -4"),
         ('arch = "resnet18"\ninput_size = 0', "input_size must be an integer >= 1, got 0"),
         ('arch = "resnet18"\nrequired = "yes"', "required must be true or false, got 'yes'"),

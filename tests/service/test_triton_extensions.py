@@ -2,7 +2,8 @@
 perf_analyzer, grpcurl and our own stubs.
 
 Models: `digits` and `spare` are called only by the tritonclient probe (so its statistics are exact), `shared` by
-perf_analyzer and the bad-input tests, `missing_weights` never loads.
+perf_analyzer and the bad-input tests, `uint8_advertised` (advertised_input = "uint8_nhwc") by perf_analyzer in UINT8,
+`missing_weights` never loads.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ REPOSITORY = {
     "digits": _DIGITS,
     "spare": _DIGITS,
     "shared": _DIGITS,
+    "uint8_advertised": {**_DIGITS, "advertised_input": "uint8_nhwc"},
     "missing_weights": {"arch": "resnet18", "weights": "absent.pt", "input_size": 48, "backend": "eager"},
 }
 UNSUPPORTED_RPCS = {
@@ -165,6 +167,34 @@ def test_perf_analyzer_drives_the_server_over_grpc_without_errors(server, infere
     after = inference.ModelStatistics(pb.ModelStatisticsRequest(name="shared")).model_stats[0].inference_stats
     assert after.fail.count == before.fail.count
     assert after.success.count - before.success.count >= 2 * 30
+
+
+def test_perf_analyzer_sends_uint8_nhwc_to_a_model_that_advertises_it(server, inference, tmp_path):
+    metadata = inference.ModelMetadata(pb.ModelMetadataRequest(name="uint8_advertised"), timeout=60)
+    (advertised,) = metadata.inputs
+    assert (advertised.datatype, list(advertised.shape)) == ("UINT8", [-1, digits.INPUT_SIZE, digits.INPUT_SIZE, 3])
+    report = tmp_path / "perf.csv"
+    done = subprocess.run(
+        [str(REPO_ROOT / "scripts" / "perf_analyzer.sh"), "-m", "uint8_advertised", "-i", "grpc", "-u", server.address,
+         "--concurrency-range", "4", "--measurement-mode", "count_windows", "--measurement-request-count", "30",
+         "--max-trials", "3", "--stability-percentage", "1000", "-f", str(report)],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    (row,) = csv.DictReader(report.open())
+    assert float(row["Inferences/Second"]) > 0
+    stats = inference.ModelStatistics(pb.ModelStatisticsRequest(name="uint8_advertised")).model_stats[0]
+    assert stats.inference_stats.fail.count == 0 and stats.inference_stats.success.count >= 30
+
+
+def test_a_model_advertising_uint8_still_takes_fp32_nchw(inference, scans):
+    uint8_model = inference.ModelInfer(infer_request("uint8_advertised", scans), timeout=60)
+    fp32_model = inference.ModelInfer(infer_request("shared", scans), timeout=60)
+    assert list(uint8_model.outputs[0].shape) == [ROWS, 10]
+    np.testing.assert_array_equal(
+        np.frombuffer(uint8_model.raw_output_contents[0], "<f4"),
+        np.frombuffer(fp32_model.raw_output_contents[0], "<f4"),
+    )
 
 
 def test_classification_clamps_to_the_classes_and_matches_the_logits(inference, scans):
