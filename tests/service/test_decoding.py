@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -45,31 +44,22 @@ def test_small_and_large_images_decode_to_the_same_pixels():
     assert small.shape == large.shape == (32, 32, 3) and torch.equal(small, large)
 
 
-def test_the_large_image_lane_refuses_past_its_queue_and_every_call_is_answered(monkeypatch):
-    lane_threads = []  # threads that decoded a large image
-    finish = decoding.finish_decode
-
-    def recording_finish(*args: object) -> torch.Tensor:
-        lane_threads.append(threading.current_thread().name)
-        return finish(*args)
-
-    monkeypatch.setattr(decoding, "finish_decode", recording_finish)
-    capacity = decoding.LARGE_QUEUE_PER_THREAD  # 4 threads: a lane of one
+def test_the_large_image_lane_refuses_past_its_queue_and_every_call_is_answered():
+    capacity = decoding.LARGE_QUEUE_PER_WORKER  # 4 threads: a lane of one worker
     truncated = png(3000, 3000)[:20_000]  # ~10 ms each, then its rest: all arrive while the first decodes
     results = run_decodes([truncated] * (3 * capacity), large_image_pixels=1_000_000)
     refused = [result for result in results if isinstance(result, ImageTooLargeError)]
-    decoded = [result for result in results if isinstance(result, InvalidImageError)]  # truncated
-    assert len(refused) + len(decoded) == len(results)
+    decoded = [result for result in results if isinstance(result, InvalidImageError)]  # truncated, from the worker
+    assert len(refused) + len(decoded) == len(results), results
     assert len(refused) >= capacity and len(decoded) >= 1
     assert all("already waiting to be decoded: retry later" in str(error) for error in refused)
-    assert set(lane_threads) <= {"decode-large_0"}  # one thread of its own
 
 
 def test_the_pool_is_sized_to_the_cpus_this_process_may_use():
     assert machine_threads() == len(os.sched_getaffinity(0))
 
 
-@pytest.mark.parametrize("threads", [1, 4, 16])
+@pytest.mark.parametrize("threads", [1, 8])
 def test_the_lane_is_a_quarter_of_the_pool(threads: int):
     with ThreadPoolExecutor(1) as pool:
         decoder = ImageDecoder(pool, threads=threads, max_pixels=100, large_image_pixels=10)
