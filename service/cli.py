@@ -94,8 +94,8 @@ _FLAGS = (
         "--large-image-pixels",
         _positive_int,
         _DEFAULTS.large_image_pixels,
-        "images decoding to more pixels wait in a lane of their own (a quarter of the decode threads), so they "
-        "cannot hold up other clients' images",
+        "images decoding to more pixels wait in a lane of their own (worker processes, a quarter of the decode "
+        "threads), so they cannot hold up other clients' images",
     ),
     ("--log-level", _one_of(_LOG_LEVELS), "INFO", ", ".join(_LOG_LEVELS)),
     (
