@@ -37,6 +37,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a non-negative integer")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0:  # rejects NaN too
@@ -77,7 +84,19 @@ _FLAGS = (
     ("--max-message-bytes", _positive_int, _DEFAULTS.max_message_bytes, "largest request accepted, in bytes"),
     ("--max-pixels", _positive_int, _DEFAULTS.max_pixels, "largest image (width x height) accepted for decoding"),
     ("--queue-size", _positive_int, _DEFAULTS.queue_size, "requests a model's batch queue holds before refusing"),
-    ("--decode-threads", _positive_int, _DEFAULTS.decode_threads, "threads decoding images and tensors"),
+    (
+        "--decode-threads",
+        _non_negative_int,
+        _DEFAULTS.decode_threads,
+        "threads decoding images and tensors; 0: one per CPU this process may run on",
+    ),
+    (
+        "--large-image-pixels",
+        _positive_int,
+        _DEFAULTS.large_image_pixels,
+        "images decoding to more pixels wait in a lane of their own (worker processes, a quarter of the decode "
+        "threads), so they cannot hold up other clients' images",
+    ),
     ("--log-level", _one_of(_LOG_LEVELS), "INFO", ", ".join(_LOG_LEVELS)),
     (
         "--kernel-cache-dir",
@@ -140,6 +159,7 @@ def parse_settings(
         max_pixels=args.max_pixels,
         queue_size=args.queue_size,
         decode_threads=args.decode_threads,
+        large_image_pixels=args.large_image_pixels,
         kernel_cache_dir=args.kernel_cache_dir,
         auth_token_file=args.auth_token_file,
         auth_token=environ.get(AUTH_TOKEN_ENV) or None,

@@ -56,17 +56,23 @@ def decode_image(data: bytes, spec: InputSpec, *, max_pixels: int, scaled_jpeg: 
     scaled_jpeg: decode a large JPEG scaled down (the module's rule); False decodes every image in full.
     Raises InvalidImageError or ImageTooLargeError (header checked against `max_pixels` before decoding), nothing else.
     """
-    image = open_image(data, max_pixels=max_pixels, draft_for=spec if scaled_jpeg else None)
-    try:
-        return torch.from_numpy(prepare_pixels(image, spec))
-    except Exception as error:
-        raise _invalid(error, len(data)) from error
+    image = read_header(data, max_pixels=max_pixels, draft_for=spec if scaled_jpeg else None)
+    return finish_decode(image, len(data), spec)
 
 
 def open_image(data: bytes, *, max_pixels: int, draft_for: InputSpec | None = None) -> Image.Image:
     """Decode fully, with EXIF orientation applied. The header's size is checked before the pixels are decoded.
 
     draft_for: a large JPEG is decoded scaled down to what this recipe still needs (the module's rule).
+
+    Raises InvalidImageError or ImageTooLargeError, nothing else.
+    """
+    return load_pixels(read_header(data, max_pixels=max_pixels, draft_for=draft_for), len(data))
+
+
+def read_header(data: bytes, *, max_pixels: int, draft_for: InputSpec | None = None) -> Image.Image:
+    """The image, its pixels not decoded yet: the cheap first half of open_image. Its `size` is what decoding it will
+    produce (a large JPEG's scaled-down size with `draft_for`), so a caller can weigh the work before doing it.
 
     Raises InvalidImageError or ImageTooLargeError, nothing else.
     """
@@ -82,8 +88,6 @@ def open_image(data: bytes, *, max_pixels: int, draft_for: InputSpec | None = No
             raise ImageTooLargeError(f"image is {width}x{height} = {width * height} pixels, the limit is {max_pixels}")
         if draft_for is not None and image.format == "JPEG":
             image.draft(image.mode, draft_size(image.size, draft_for))
-        image.load()  # the real decode: truncated or corrupt data fails here
-        ImageOps.exif_transpose(image, in_place=True)  # in place: no copy for the usual image without a rotation
         return image
     except ImageTooLargeError:
         raise
@@ -93,6 +97,31 @@ def open_image(data: bytes, *, max_pixels: int, draft_for: InputSpec | None = No
         raise InvalidImageError(f"not a JPEG, PNG, WebP or BMP image ({len(data)} bytes)") from error
     except Exception as error:
         raise _invalid(error, len(data)) from error
+
+
+def load_pixels(image: Image.Image, data_size: int) -> Image.Image:
+    """Decodes `image` from read_header (of `data_size` bytes), with EXIF orientation applied.
+
+    Raises InvalidImageError, nothing else.
+    """
+    try:
+        image.load()  # the real decode: truncated or corrupt data fails here
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no copy for the usual image without a rotation
+        return image
+    except Exception as error:
+        raise _invalid(error, data_size) from error
+
+
+def finish_decode(image: Image.Image, data_size: int, spec: InputSpec) -> torch.Tensor:
+    """The second half of decode_image: `image` from read_header (of `data_size` bytes) -> uint8 [S, S, 3] (NHWC).
+
+    Raises InvalidImageError, nothing else.
+    """
+    loaded = load_pixels(image, data_size)
+    try:
+        return torch.from_numpy(prepare_pixels(loaded, spec))
+    except Exception as error:
+        raise _invalid(error, data_size) from error
 
 
 def draft_size(size: tuple[int, int], spec: InputSpec) -> tuple[int, int]:

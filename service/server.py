@@ -23,6 +23,7 @@ import models.kernel_cache
 from service._proto import classifier_pb2, grpc_service_pb2
 from service.auth import AuthConfigError, BearerTokenInterceptor, bearer_token_middleware, load_token
 from service.backends.base import AUTO_BACKEND
+from service.decoding import ImageDecoder, machine_threads
 from service.health import HealthServicer
 from service.http.app import kserve_http_app
 from service.http.site import start_site
@@ -73,7 +74,8 @@ class ServerSettings:
     max_message_bytes: int = 16 * 1024 * 1024
     max_pixels: int = 40_000_000
     queue_size: int = 256
-    decode_threads: int = 2
+    decode_threads: int = 0  # 0: one per CPU this process may run on (service/decoding.py machine_threads)
+    large_image_pixels: int = 4_000_000  # decoding more goes to the large-image lane (service/decoding.py)
     kernel_cache_dir: Path | None = None  # Triton's compiled kernels and autotune results; None: not kept
     auth_token_file: Path | None = None  # service/auth.py; neither this nor auth_token: authentication off
     auth_token: str | None = field(default=None, repr=False)  # from the environment only, never a flag (ps shows argv)
@@ -102,6 +104,7 @@ class InferenceServer:
         self._draining = False
         self._server: grpc.aio.Server | None = None
         self._decode_executor: ThreadPoolExecutor | None = None
+        self._image_decoder: ImageDecoder | None = None
         self._http_runners: list[web.AppRunner] = []  # the KServe HTTP port and /metrics
 
     def is_ready(self) -> bool:
@@ -119,7 +122,19 @@ class InferenceServer:
             raise ServerStartError(str(error)) from error
         for service_name in HEALTH_SERVICES:
             await self._health.set(service_name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self._decode_executor = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        decode_threads = settings.decode_threads or machine_threads()
+        self._decode_executor = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
+        self._image_decoder = ImageDecoder(
+            self._decode_executor,
+            threads=decode_threads,
+            max_pixels=settings.max_pixels,
+            large_image_pixels=settings.large_image_pixels,
+        )
+        logger.info(
+            "%d decode threads; images over %d pixels decode in their own lane",
+            decode_threads,
+            settings.large_image_pixels,
+        )
         scope = CallScope(self.metrics, self.models.is_known)
         server = grpc.aio.server(
             interceptors=[BearerTokenInterceptor(token, self._count_unauthenticated)] if token else [],
@@ -134,13 +149,7 @@ class InferenceServer:
         add_servicer(
             server,
             _CLASSIFIER,
-            ClassifierServicer(
-                self.models,
-                scope,
-                self.metrics,
-                decode_executor=self._decode_executor,
-                max_pixels=settings.max_pixels,
-            ),
+            ClassifierServicer(self.models, scope, self.metrics, image_decoder=self._image_decoder),
         )
         inference = InferenceServicer(
             self.models, scope, self.metrics, tensor_executor=self._decode_executor, is_ready=self.is_ready
@@ -197,6 +206,8 @@ class InferenceServer:
         await self.models.stop()
         if self._decode_executor is not None:
             self._decode_executor.shutdown(wait=False, cancel_futures=True)
+        if self._image_decoder is not None:
+            self._image_decoder.shutdown()
         logger.info("stopped")
 
     def _count_unauthenticated(self, method: str) -> None:

@@ -1,16 +1,14 @@
 """resnet.v1.Classifier: encoded image in, top-k softmax predictions out."""
 
-from concurrent.futures import Executor
-
 import grpc
 import torch
 
 from service._proto import classifier_pb2, classifier_pb2_grpc
+from service.decoding import ImageDecoder
 from service.lifecycle import ServedModel
 from service.metrics import ServiceMetrics
 from service.model_manager import ModelManager
-from service.preprocess import decode_image
-from service.rpc import CallScope, RpcError, deadline_of, rpc_handler, run_blocking
+from service.rpc import CallScope, RpcError, deadline_of, rpc_handler
 
 DEFAULT_TOP_K = 5
 
@@ -22,14 +20,12 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
         scope: CallScope,
         metrics: ServiceMetrics,
         *,
-        decode_executor: Executor,
-        max_pixels: int,
+        image_decoder: ImageDecoder,
     ) -> None:
         self._models = models
         self.call_scope = scope
         self._metrics = metrics
-        self._decode_executor = decode_executor
-        self._max_pixels = max_pixels
+        self._image_decoder = image_decoder
 
     @rpc_handler(lambda request: request.model)
     async def Classify(
@@ -38,10 +34,8 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
         # In flight until the batcher has answered: an unload of the model waits for it.
         async with self._models.serving(request.model) as model:
             top_k = resolve_top_k(request.top_k, model.output.num_classes)
-            # Decoding is CPU work (and Pillow releases the GIL): a thread pool, never the event loop.
-            image = await run_blocking(
-                self._decode_executor, decode_image, request.image, model.preprocessing, max_pixels=self._max_pixels
-            )
+            # Decoding is CPU work (and Pillow releases the GIL): thread pools, never the event loop.
+            image = await self._image_decoder.decode(request.image, model.preprocessing)
             result = await model.batcher.submit(image.unsqueeze(0), deadline=deadline_of(context))
         self._metrics.record_batched(model.name, result.queue_us, result.compute_us)
         probabilities = torch.softmax(result.logits[0], dim=0)

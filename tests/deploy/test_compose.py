@@ -215,6 +215,23 @@ def test_servers_restart_and_get_longer_to_stop_than_their_grace_period(services
     assert "restart" not in services["locust-master"]  # a headless run ends by exiting
 
 
+def test_servers_run_read_only_unprivileged_and_without_capabilities(services: dict[str, dict]):
+    image_uid = dockerfile_stage("server")["USER"]
+    for name in ("server", "server-cpu", "replica"):
+        service = services[name]
+        assert service["read_only"] is True, name
+        assert service["user"] == f"{image_uid}:{image_uid}", name  # the image's user, whatever the engine's default
+        assert service["cap_drop"] == ["ALL"] and "cap_add" not in service, name  # its ports are all above 1024
+        assert "no-new-privileges:true" in service["security_opt"], name
+        assert "privileged" not in service, name
+        # With a read-only root, every path the server writes is a volume or a tmpfs.
+        assert [mount.split(":")[0] for mount in service["tmpfs"]] == ["/tmp"], name
+        mounts = {volume.split(":")[1] for volume in service["volumes"]}
+        assert "/home/serve/.cache/torch" in mounts, name
+        ports = [int(flag_value(service["command"], flag)) for flag in ("--port", "--http-port", "--metrics-port")]
+        assert min(ports) > 1024, f"{name}: a port under 1025 would need CAP_NET_BIND_SERVICE"
+
+
 def test_the_kernel_cache_is_a_volume_the_server_user_owns(services: dict[str, dict]):
     # A restart of the GPU server finds the autotune results of the last one (README, "Kernels").
     mounts = dict(reversed(volume.split(":")[:2]) for volume in services["server"]["volumes"])  # target: source

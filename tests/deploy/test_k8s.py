@@ -94,7 +94,12 @@ def check_server_pod(pod_spec: dict, container_name: str, grpc_port_name: str) -
     assert pod_spec["terminationGracePeriodSeconds"] > pre_stop_s + settings.grace_period_s
 
     assert server["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert server["securityContext"]["readOnlyRootFilesystem"] is True
+    container_security = server["securityContext"]
+    assert container_security["readOnlyRootFilesystem"] is True
+    assert container_security["allowPrivilegeEscalation"] is False and "privileged" not in container_security
+    assert container_security["capabilities"] == {"drop": ["ALL"]}  # nothing added back: its ports are above 1024
+    assert min(port["containerPort"] for port in server["ports"]) > 1024
+    assert pod_spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert pod_spec["securityContext"]["runAsUser"] == IMAGE_UID and pod_spec["securityContext"]["runAsNonRoot"]
     # With a read-only root, every cache the server writes must be on a mounted volume.
     mounts = [mount["mountPath"] for mount in server["volumeMounts"]]

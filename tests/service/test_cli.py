@@ -44,6 +44,7 @@ def test_every_flag_comes_from_the_environment_and_a_flag_wins(tmp_path: Path):
         "RESNET_SERVE_MAX_PIXELS": "77",
         "RESNET_SERVE_QUEUE_SIZE": "9",
         "RESNET_SERVE_DECODE_THREADS": "3",
+        "RESNET_SERVE_LARGE_IMAGE_PIXELS": "5000",
         "RESNET_SERVE_LOG_LEVEL": "DEBUG",
         "RESNET_SERVE_KERNEL_CACHE_DIR": str(tmp_path / "kernels"),
         "RESNET_SERVE_AUTH_TOKEN_FILE": str(tmp_path / "token"),
@@ -58,7 +59,8 @@ def test_every_flag_comes_from_the_environment_and_a_flag_wins(tmp_path: Path):
     assert settings == ServerSettings(
         host="127.0.0.1", port=6000, metrics_port=0, metrics_host="127.0.0.2", http_port=8001, backend="eager",
         model_repository=tmp_path / "r.toml", grace_period_s=2.5, max_message_bytes=1000, max_pixels=77, queue_size=9,
-        decode_threads=3, kernel_cache_dir=tmp_path / "kernels", auth_token_file=tmp_path / "token",
+        decode_threads=3, large_image_pixels=5000, kernel_cache_dir=tmp_path / "kernels",
+        auth_token_file=tmp_path / "token",
         tls_cert=tmp_path / "cert.pem", tls_key=tmp_path / "key.pem", tls_client_ca=tmp_path / "ca.pem",
     )  # fmt: skip
     assert log_level == "DEBUG"

@@ -355,3 +355,62 @@ def test_the_server_refuses_to_start_with_an_unusable_certificate(certificates: 
     completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, env=env)
     assert completed.returncode == 1
     assert "cannot serve: --tls-cert and --tls-key go together" in completed.stderr
+
+
+# `python -m service.healthcheck` (the container's HEALTHCHECK) with the server's TLS settings in its environment.
+def healthcheck(server: ServerProcess, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    """The healthcheck's exit code and log, in an environment holding only `env` of the server's settings."""
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("RESNET_SERVE_")}
+    command = [sys.executable, "-m", "service.healthcheck", "--address", server.address, *args]
+    return subprocess.run(
+        command, cwd=REPO_ROOT, env={**environment, **env}, capture_output=True, text=True, timeout=TIMEOUT_S
+    )
+
+
+def server_tls_env(certificates: Certificates, *, mutual: bool = False) -> dict[str, str]:
+    """What the server's container sets (RESNET_SERVE_TLS_*) and nothing else."""
+    env = {"RESNET_SERVE_TLS_CERT": str(certificates.server.cert), "RESNET_SERVE_TLS_KEY": str(certificates.server.key)}
+    if mutual:
+        env["RESNET_SERVE_TLS_CLIENT_CA"] = str(certificates.ca)
+    return env
+
+
+def test_the_healthcheck_speaks_tls_with_the_servers_settings(tls_server: ServerProcess, certificates: Certificates):
+    answered = healthcheck(tls_server, server_tls_env(certificates))  # no token: health is exempt
+    assert answered.returncode == 0 and "SERVING" in answered.stderr, answered.stderr
+    plaintext = healthcheck(tls_server, {})
+    assert plaintext.returncode == 1 and "failed: UNAVAILABLE" in plaintext.stderr, plaintext.stderr
+
+
+def test_the_healthcheck_checks_the_servers_name_and_ca(tls_server: ServerProcess, certificates: Certificates):
+    env = server_tls_env(certificates)
+    assert healthcheck(tls_server, env, "--tls-server-name", "localhost").returncode == 0  # in the certificate
+    assert healthcheck(tls_server, env, "--tls-server-name", "other.example").returncode == 1
+    # Instead of the server's own certificate, the CA that signed it; or one that did not.
+    assert healthcheck(tls_server, {**env, "RESNET_SERVE_HEALTHCHECK_TLS_CA": str(certificates.ca)}).returncode == 0
+    untrusted = healthcheck(tls_server, {**env, "RESNET_SERVE_HEALTHCHECK_TLS_CA": str(certificates.other_ca)})
+    assert untrusted.returncode == 1 and "failed: UNAVAILABLE" in untrusted.stderr, untrusted.stderr
+
+
+def test_the_healthcheck_presents_a_client_certificate_for_mutual_tls(
+    mtls_server: ServerProcess, certificates: Certificates
+):
+    env = server_tls_env(certificates, mutual=True)
+    without_cert = healthcheck(mtls_server, env)
+    assert without_cert.returncode == 1 and "failed: UNAVAILABLE" in without_cert.stderr, without_cert.stderr
+    client = {
+        "RESNET_SERVE_HEALTHCHECK_TLS_CLIENT_CERT": str(certificates.client.cert),
+        "RESNET_SERVE_HEALTHCHECK_TLS_CLIENT_KEY": str(certificates.client.key),
+    }
+    answered = healthcheck(mtls_server, {**env, **client})
+    assert answered.returncode == 0 and "SERVING" in answered.stderr, answered.stderr
+
+
+def test_the_healthcheck_refuses_half_a_client_identity_and_unreadable_files(
+    tls_server: ServerProcess, certificates: Certificates, tmp_path: Path
+):
+    env = server_tls_env(certificates)
+    half = healthcheck(tls_server, env, "--tls-client-cert", str(certificates.client.cert))
+    assert half.returncode == 2 and "go together" in half.stderr, half.stderr
+    missing = healthcheck(tls_server, {**env, "RESNET_SERVE_HEALTHCHECK_TLS_CA": str(tmp_path / "absent.pem")})
+    assert missing.returncode == 1 and "absent.pem" in missing.stderr, missing.stderr
