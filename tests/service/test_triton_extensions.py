@@ -162,7 +162,8 @@ def test_perf_analyzer_drives_the_server_over_grpc_without_errors(server, infere
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     rows = list(csv.DictReader(report.open()))
-    assert [row["Concurrency"] for row in rows] == ["1", "16"]
+    # perf_analyzer orders its CSV by throughput, which a loaded machine can invert.
+    assert sorted(int(row["Concurrency"]) for row in rows) == [1, 16]
     assert all(float(row["Inferences/Second"]) > 0 for row in rows)
     after = inference.ModelStatistics(pb.ModelStatisticsRequest(name="shared")).model_stats[0].inference_stats
     assert after.fail.count == before.fail.count

@@ -110,7 +110,8 @@ def test_perf_analyzer_over_http_has_no_errors(server: ServerProcess, tmp_path: 
     )  # fmt: skip
     assert completed.returncode == 0, completed.stdout + completed.stderr
     rows = list(csv.DictReader(report.open()))
-    assert [int(row["Concurrency"]) for row in rows] == [1, 8]
+    # perf_analyzer orders its CSV by throughput, which a loaded machine can invert.
+    assert sorted(int(row["Concurrency"]) for row in rows) == [1, 8]
     assert all(float(row["Inferences/Second"]) > 0 for row in rows)
     # perf_analyzer stops at a failed request; the server saw none either.
     assert server.metric("nv_inference_request_failure", model="digits_resnet") == failures_before
