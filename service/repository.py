@@ -9,15 +9,19 @@ Relative paths are relative to the TOML file. `required = true` marks a model th
 
 import re
 import tomllib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any, TypeVar
 
 import models
 from models.precision import FLOAT32, PRECISIONS, Precision, parse_precision
 from service.backends.base import AUTO_BACKEND, BACKEND_CHOICES
 from service.batch_plan import BucketPolicy
 from service.input_layout import AdvertisedInput
+
+T = TypeVar("T")
 
 DEFAULT_REPOSITORY = Path(str(resources.files("service").joinpath("default_repository.toml")))
 BUILTIN_LABELS = ("imagenet",)
@@ -109,24 +113,11 @@ def _parse_model(name: str, table: object, path: Path) -> ModelConfig:
         raise RepositoryError(f"{where}: backend must be one of {', '.join(BACKEND_CHOICES)}, got {table['backend']!r}")
 
     values = dict(table)
-    try:
-        precision = parse_precision(values.pop("dtype", FLOAT32.name))
-    except ValueError:
-        raise RepositoryError(
-            f"{where}: dtype must be one of {', '.join(PRECISIONS)}, got {table['dtype']!r}"
-        ) from None
-    try:
-        bucket_policy = BucketPolicy(values.pop("bucket_policy", BucketPolicy.COST))
-    except ValueError:
-        raise RepositoryError(
-            f"{where}: bucket_policy must be one of {', '.join(BucketPolicy)}, got {table['bucket_policy']!r}"
-        ) from None
-    try:
-        advertised_input = AdvertisedInput(values.pop("advertised_input", AdvertisedInput.FP32_NCHW))
-    except ValueError:
-        raise RepositoryError(
-            f"{where}: advertised_input must be one of {', '.join(AdvertisedInput)}, got {table['advertised_input']!r}"
-        ) from None
+    precision = _parsed(values, "dtype", parse_precision, FLOAT32.name, PRECISIONS, where)
+    bucket_policy = _parsed(values, "bucket_policy", BucketPolicy, BucketPolicy.COST, BucketPolicy, where)
+    advertised_input = _parsed(
+        values, "advertised_input", AdvertisedInput, AdvertisedInput.FP32_NCHW, AdvertisedInput, where
+    )
     if values.get("weights", "pretrained") not in ("pretrained", "random"):
         values["weights"] = str(base_dir / values["weights"])
     if values.get("labels") is not None and values["labels"] not in BUILTIN_LABELS:
@@ -134,3 +125,15 @@ def _parse_model(name: str, table: object, path: Path) -> ModelConfig:
     return ModelConfig(
         name=name, precision=precision, bucket_policy=bucket_policy, advertised_input=advertised_input, **values
     )
+
+
+def _parsed(
+    values: dict[str, Any], key: str, parse: Callable[[Any], T], default: str, choices: Iterable[str], where: str
+) -> T:
+    """values[key] (taken out of `values`), or `default`, through `parse`; a RepositoryError naming the key, its
+    choices and the value when `parse` refuses it."""
+    raw = values.pop(key, default)
+    try:
+        return parse(raw)
+    except ValueError:
+        raise RepositoryError(f"{where}: {key} must be one of {', '.join(choices)}, got {raw!r}") from None
