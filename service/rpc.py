@@ -44,6 +44,11 @@ class RpcError(Exception):
         self.code = code
 
 
+def invalid_argument(message: str) -> RpcError:
+    """The RpcError of a request the client got wrong (INVALID_ARGUMENT), `message` saying what to send instead."""
+    return RpcError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
 @dataclass(frozen=True)
 class WireRequest:
     """A unary request as it came off the wire (service/wire.py): the messages the client sent, still bytes, parsed

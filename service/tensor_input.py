@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import math
 
-import grpc
 import numpy as np
 import torch
 
 from service._proto import grpc_service_pb2 as pb
+from service.echo import echo
 from service.input_layout import image_dims
-from service.rpc import RpcError
+from service.rpc import invalid_argument
 
 INPUT_NAME = "input"
 # Wire byte order is little-endian, whatever the host's.
@@ -38,7 +38,6 @@ _CONTENTS_FIELDS = (
     "bool_contents", "int_contents", "int64_contents", "uint_contents", "uint64_contents", "fp32_contents",
     "fp64_contents", "bytes_contents",
 )  # fmt: skip
-_ECHO_CHARS = 40
 
 
 def input_tensor(request: pb.ModelInferRequest, model_name: str, input_size: int) -> torch.Tensor:
@@ -47,17 +46,17 @@ def input_tensor(request: pb.ModelInferRequest, model_name: str, input_size: int
     Raises RpcError(INVALID_ARGUMENT) when it is anything else, and nothing else.
     """
     if len(request.inputs) != 1 or request.inputs[0].name != INPUT_NAME:
-        names = _echo([tensor.name for tensor in request.inputs][:4])
-        raise _invalid(f"model {_echo(model_name)} takes one input named 'input', got {names}")
+        names = echo([tensor.name for tensor in request.inputs][:4])
+        raise invalid_argument(f"model {echo(model_name)} takes one input named 'input', got {names}")
     tensor = request.inputs[0]
     dtype = _WIRE_DTYPES.get(tensor.datatype)
     if dtype is None:
-        raise _invalid(f"input datatype {_echo(tensor.datatype)} is not supported; send UINT8, FP32 or FP16")
+        raise invalid_argument(f"input datatype {echo(tensor.datatype)} is not supported; send UINT8, FP32 or FP16")
     shape = list(tensor.shape)
     expected = image_dims(tensor.datatype, input_size)
     if len(shape) != 4 or shape[0] < 1 or shape[1:] != expected:
-        raise _invalid(
-            f"{tensor.datatype} input shape {_echo(shape[:8])} does not match the model's {[-1, *expected]}"
+        raise invalid_argument(
+            f"{tensor.datatype} input shape {echo(shape[:8])} does not match the model's {[-1, *expected]}"
             + ("; UINT8 images are NHWC" if tensor.datatype == "UINT8" else "; UINT8 raw images are [-1, S, S, 3]")
         )
     values = _values(request, tensor, dtype, math.prod(shape)).reshape(shape)
@@ -73,16 +72,18 @@ def _values(
     """The input's `count` values, flat, in `dtype` (UINT8) or the wire dtype (floats), from raw or typed contents."""
     typed = tensor.HasField("contents")
     if typed and request.raw_input_contents:
-        raise _invalid("input 'input' carries both typed contents and raw_input_contents; send one of them")
+        raise invalid_argument("input 'input' carries both typed contents and raw_input_contents; send one of them")
     if typed:
         return _typed_values(tensor, count)
     if len(request.raw_input_contents) != 1:
         entries = len(request.raw_input_contents)
-        raise _invalid(f"send the input's values in raw_input_contents (one entry, not {entries}) or typed contents")
+        raise invalid_argument(
+            f"send the input's values in raw_input_contents (one entry, not {entries}) or typed contents"
+        )
     raw = request.raw_input_contents[0]
     if len(raw) != count * dtype.itemsize:
         needed = count * dtype.itemsize
-        raise _invalid(f"input holds {len(raw)} bytes; {tensor.datatype} {list(tensor.shape)} needs {needed}")
+        raise invalid_argument(f"input holds {len(raw)} bytes; {tensor.datatype} {list(tensor.shape)} needs {needed}")
     values = np.frombuffer(raw, dtype=dtype)
     return values.copy() if dtype.itemsize == 1 else values  # uint8 goes to torch as is: it must own writable memory
 
@@ -90,28 +91,18 @@ def _values(
 def _typed_values(tensor: pb.ModelInferRequest.InferInputTensor, count: int) -> np.ndarray:
     field = _TYPED_FIELDS.get(tensor.datatype)
     if field is None:
-        raise _invalid(f"{tensor.datatype} has no typed contents field; send it in raw_input_contents")
+        raise invalid_argument(f"{tensor.datatype} has no typed contents field; send it in raw_input_contents")
     used = [name for name in _CONTENTS_FIELDS if len(getattr(tensor.contents, name))]
     if used != [field]:
-        raise _invalid(f"typed {tensor.datatype} values go in contents.{field} alone, got {used or 'none'}")
+        raise invalid_argument(f"typed {tensor.datatype} values go in contents.{field} alone, got {used or 'none'}")
     values = getattr(tensor.contents, field)
     if len(values) != count:
-        raise _invalid(
+        raise invalid_argument(
             f"contents.{field} holds {len(values)} values; {tensor.datatype} {list(tensor.shape)} needs {count}"
         )
     if tensor.datatype == "FP32":
         return np.asarray(values, dtype=np.float32)
     wide = np.asarray(values, dtype=np.uint32)
     if wide.max(initial=0) > 255:
-        raise _invalid(f"contents.uint_contents holds {int(wide.max())}; UINT8 values are 0..255")
+        raise invalid_argument(f"contents.uint_contents holds {int(wide.max())}; UINT8 values are 0..255")
     return wide.astype(np.uint8)
-
-
-def _echo(value: object) -> str:
-    """A client's value, quoted and cut short: it travels back in the status message, which has a size limit."""
-    text = repr(value)
-    return text if len(text) <= _ECHO_CHARS else text[: _ECHO_CHARS - 3] + "..."
-
-
-def _invalid(message: str) -> RpcError:
-    return RpcError(grpc.StatusCode.INVALID_ARGUMENT, message)

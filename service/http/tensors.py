@@ -14,11 +14,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 import numpy as np
 
 from service._proto import grpc_service_pb2 as pb
-from service.rpc import RpcError
+from service.rpc import invalid_argument
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # Triton's datatypes that have a numpy dtype, little-endian as on the wire. BYTES and BF16 have none.
@@ -54,7 +53,7 @@ def parse_infer_request(
     raw_inputs_bytes = 0
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
-        raise _invalid("'inputs' must be a non-empty list of tensors")
+        raise invalid_argument("'inputs' must be a non-empty list of tensors")
     for index, tensor in enumerate(inputs):
         name, binary_part = _input(_object(tensor, f"inputs[{index}]"), index, binary[raw_inputs_bytes:])
         if binary_part is None:
@@ -65,25 +64,25 @@ def parse_infer_request(
         request.inputs.add(name=name, datatype=tensor["datatype"], shape=tensor["shape"])
         request.raw_input_contents.append(raw)
     if raw_inputs_bytes != len(binary):
-        raise _invalid(
+        raise invalid_argument(
             f"the body carries {len(binary)} bytes after its JSON header, the inputs' binary_data_size add up to "
             f"{raw_inputs_bytes}"
         )
     parameters = _object(header.get("parameters", {}), "'parameters'")
     all_binary = parameters.get("binary_data_output", False)
     if not isinstance(all_binary, bool):
-        raise _invalid("'parameters.binary_data_output' must be true or false")
+        raise invalid_argument("'parameters.binary_data_output' must be true or false")
     binary_outputs = set()
     outputs = header.get("outputs", [])
     if not isinstance(outputs, list):
-        raise _invalid("'outputs' must be a list")
+        raise invalid_argument("'outputs' must be a list")
     for index, output in enumerate(outputs):
         output = _object(output, f"outputs[{index}]")
         name = _string(output, "name")
         output_parameters = dict(_object(output.get("parameters", {}), f"outputs[{index}].parameters"))
         as_binary = output_parameters.pop("binary_data", False)
         if not isinstance(as_binary, bool):
-            raise _invalid(f"outputs[{index}].parameters.binary_data must be true or false")
+            raise invalid_argument(f"outputs[{index}].parameters.binary_data must be true or false")
         if as_binary:
             binary_outputs.add(name)
         requested = request.outputs.add(name=name)
@@ -120,7 +119,9 @@ def _json_length(header_length: str | None, body_length: int) -> int:
     if header_length is None:
         return body_length
     if not header_length.isdigit() or not 0 < int(header_length) <= body_length:
-        raise _invalid(f"{HEADER_LENGTH} {header_length!r} is not a byte count within the {body_length}-byte body")
+        raise invalid_argument(
+            f"{HEADER_LENGTH} {header_length!r} is not a byte count within the {body_length}-byte body"
+        )
     return int(header_length)
 
 
@@ -128,9 +129,9 @@ def _json(data: bytes | memoryview) -> object:
     try:
         return json.loads(bytes(data))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise _invalid(f"the request's JSON header is not valid JSON: {error}") from None
+        raise invalid_argument(f"the request's JSON header is not valid JSON: {error}") from None
     except RecursionError:
-        raise _invalid("the request's JSON header is nested too deeply") from None
+        raise invalid_argument("the request's JSON header is nested too deeply") from None
 
 
 def _input(tensor: dict[str, Any], index: int, binary: memoryview) -> tuple[str, memoryview | None]:
@@ -139,19 +140,21 @@ def _input(tensor: dict[str, Any], index: int, binary: memoryview) -> tuple[str,
     datatype = _string(tensor, "datatype")
     shape = tensor.get("shape")
     if not isinstance(shape, list) or not all(type(d) is int and 0 <= d <= _INT64_MAX for d in shape):
-        raise _invalid(f"input {name!r}: 'shape' must be a list of non-negative integers, got {shape!r}")
+        raise invalid_argument(f"input {name!r}: 'shape' must be a list of non-negative integers, got {shape!r}")
     parameters = _object(tensor.get("parameters", {}), f"inputs[{index}].parameters")
     size = parameters.get("binary_data_size")
     if size is None:
         if "data" not in tensor:
-            raise _invalid(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
+            raise invalid_argument(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
         return name, None
     if "data" in tensor:
-        raise _invalid(f"input {name!r} has both 'data' and parameters.binary_data_size; send one")
+        raise invalid_argument(f"input {name!r} has both 'data' and parameters.binary_data_size; send one")
     if type(size) is not int or size < 0:
-        raise _invalid(f"input {name!r}: binary_data_size must be a non-negative integer, got {size!r}")
+        raise invalid_argument(f"input {name!r}: binary_data_size must be a non-negative integer, got {size!r}")
     if size > len(binary):
-        raise _invalid(f"input {name!r} declares {size} binary bytes, the body has {len(binary)} left ({datatype})")
+        raise invalid_argument(
+            f"input {name!r} declares {size} binary bytes, the body has {len(binary)} left ({datatype})"
+        )
     return name, binary[:size]
 
 
@@ -160,16 +163,20 @@ def _json_tensor_bytes(tensor: dict[str, Any], name: str) -> bytes:
     datatype, shape = tensor["datatype"], tensor["shape"]
     dtype = NUMPY_DTYPES.get(datatype)
     if dtype is None:
-        raise _invalid(f"input {name!r}: datatype {datatype!r} cannot be sent as JSON data; send it in binary")
+        raise invalid_argument(f"input {name!r}: datatype {datatype!r} cannot be sent as JSON data; send it in binary")
     try:
         values = np.asarray(tensor["data"])
     except ValueError:  # lists of unequal lengths
-        raise _invalid(f"input {name!r}: 'data' is not a regular (non-ragged) list of numbers") from None
+        raise invalid_argument(f"input {name!r}: 'data' is not a regular (non-ragged) list of numbers") from None
     allowed_kinds = "b" if datatype == "BOOL" else "iuf"
     if values.dtype.kind not in allowed_kinds:
-        raise _invalid(f"input {name!r}: 'data' must hold only {'booleans' if datatype == 'BOOL' else 'numbers'}")
+        raise invalid_argument(
+            f"input {name!r}: 'data' must hold only {'booleans' if datatype == 'BOOL' else 'numbers'}"
+        )
     if values.size != math.prod(shape):
-        raise _invalid(f"input {name!r}: 'data' has {values.size} values, {datatype} {shape} needs {math.prod(shape)}")
+        raise invalid_argument(
+            f"input {name!r}: 'data' has {values.size} values, {datatype} {shape} needs {math.prod(shape)}"
+        )
     return values.astype(dtype).tobytes()
 
 
@@ -180,21 +187,17 @@ def _parameter(value: object, where: str) -> pb.InferParameter:
         return pb.InferParameter(int64_param=value)
     if isinstance(value, str):
         return pb.InferParameter(string_param=value)
-    raise _invalid(f"{where} must be a boolean, an integer or a string, got {value!r}")
+    raise invalid_argument(f"{where} must be a boolean, an integer or a string, got {value!r}")
 
 
 def _object(value: object, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise _invalid(f"{what} must be a JSON object")
+        raise invalid_argument(f"{what} must be a JSON object")
     return value
 
 
 def _string(mapping: dict[str, Any], key: str, default: str | None = None) -> str:
     value = mapping.get(key, default)
     if not isinstance(value, str):
-        raise _invalid(f"{key!r} must be a string, got {value!r}")
+        raise invalid_argument(f"{key!r} must be a string, got {value!r}")
     return value
-
-
-def _invalid(message: str) -> RpcError:
-    return RpcError(grpc.StatusCode.INVALID_ARGUMENT, message)

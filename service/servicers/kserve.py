@@ -29,7 +29,7 @@ from service.echo import echo
 from service.lifecycle import Loaded
 from service.metrics import ServiceMetrics
 from service.model_manager import ModelManager
-from service.rpc import CallScope, Failure, RpcError, deadline_of, rpc_handler, run_blocking
+from service.rpc import CallScope, Failure, RpcError, deadline_of, invalid_argument, rpc_handler, run_blocking
 from service.servicers.kserve_messages import (
     MODEL_VERSION,
     OUTPUT_NAME,
@@ -137,7 +137,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             models = [self._models.find(request.name)]
             _check_version(request.name, request.version)
         elif request.version:
-            raise _invalid(f"version {echo(request.version)} given without a model name")
+            raise invalid_argument(f"version {echo(request.version)} given without a model name")
         else:
             models = self._models.models
         statistics = self._models.statistics
@@ -158,7 +158,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> pb.RepositoryModelLoadResponse:
         _check_repository(request.repository_name)
         if request.parameters:
-            raise _invalid(
+            raise invalid_argument(
                 f"load parameters {sorted(request.parameters)} are not supported: a model loads as the repository "
                 "file configures it (edit the file to change it)"
             )
@@ -172,7 +172,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         _check_repository(request.repository_name)
         unknown = sorted(set(request.parameters) - set(_UNLOAD_PARAMETERS))
         if unknown:
-            raise _invalid(f"unload parameters {unknown} are not supported; only {list(_UNLOAD_PARAMETERS)}")
+            raise invalid_argument(f"unload parameters {unknown} are not supported; only {list(_UNLOAD_PARAMETERS)}")
         await self._models.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
@@ -293,19 +293,23 @@ def _requested_class_count(request: pb.ModelInferRequest, model: Loaded) -> int 
     """The class_count asked for on the requested output (at most the model's classes, as Triton clamps it), or None
     for the raw logits. RpcError(INVALID_ARGUMENT) for an unknown output or parameter."""
     if len(request.outputs) > 1:
-        raise _invalid(f"{len(request.outputs)} outputs requested; the model has one, 'logits'")
+        raise invalid_argument(f"{len(request.outputs)} outputs requested; the model has one, 'logits'")
     class_count = None
     for output in request.outputs:
         if output.name != OUTPUT_NAME:
-            raise _invalid(f"unknown output {echo(output.name)}; the model's output is 'logits'")
+            raise invalid_argument(f"unknown output {echo(output.name)}; the model's output is 'logits'")
         for key, value in output.parameters.items():
             if key == CLASSIFICATION_PARAMETER:
                 if value.WhichOneof("parameter_choice") != "int64_param" or value.int64_param < 1:
                     got = str(value).strip() or "nothing"
-                    raise _invalid(f"output parameter 'classification' (class_count) must be an int64 >= 1, got {got}")
+                    raise invalid_argument(
+                        f"output parameter 'classification' (class_count) must be an int64 >= 1, got {got}"
+                    )
                 class_count = min(value.int64_param, model.output.num_classes)
             elif key not in _TRANSPORT_PARAMETERS:
-                raise _invalid(f"unknown output parameter {echo(key)}; supported: 'classification' (class_count)")
+                raise invalid_argument(
+                    f"unknown output parameter {echo(key)}; supported: 'classification' (class_count)"
+                )
     return class_count
 
 
@@ -316,8 +320,4 @@ def _check_version(name: str, version: str) -> None:
 
 def _check_repository(name: str) -> None:
     if name:
-        raise _invalid(f"unknown repository {echo(name)}: this server has one repository, named ''")
-
-
-def _invalid(message: str) -> RpcError:
-    return RpcError(grpc.StatusCode.INVALID_ARGUMENT, message)
+        raise invalid_argument(f"unknown repository {echo(name)}: this server has one repository, named ''")
