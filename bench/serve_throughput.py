@@ -6,12 +6,14 @@
 `backend.run` at batch `--callers` on float32 NCHW in this process (bench.backend_throughput's timing, and its CPU per
 image), measured first, on the same machine, in the same run. A round is every caller sending `--requests` images;
 its rate is images / wall time, its server CPU per request the CPU seconds of the server's processes (all of them,
-from /proc) over the round / its requests. Median with spread over rounds (after one warm-up round), JSON to
-<--out-dir>/serve_throughput_<cpu|cuda>_<date>.json (bench/results by default). The callers run on the same machine:
-on a small one they take CPU the server would otherwise have.
+from /proc: with `--frontends N` the supervisor, the engine, the frontends and their decode workers) over the round /
+its requests. `--frontends 0 1 2` repeats everything against a fresh server per count (the sweep). Median with
+spread over rounds (after one warm-up round), JSON to <--out-dir>/serve_throughput_<cpu|cuda>_<date>.json
+(bench/results by default). The callers run on the same machine: on a small one they take CPU the server would
+otherwise have.
 
     python -m bench.serve_throughput [--request classify infer-fp32 infer-uint8] [--backend auto] [--callers 16]
-        [--requests 4] [--rounds 5] [--arch resnet18] [--input-size 224] [--out-dir DIR]
+        [--requests 4] [--rounds 5] [--arch resnet18] [--input-size 224] [--frontends 0 1 2] [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -120,7 +123,9 @@ def workload(request: str, channel: grpc.Channel, model: str, input_size: int) -
     return Workload(request, f"ModelInfer {datatype} {shape}, raw_input_contents", send, batch_counts)
 
 
-def start_server(kind: str, arch: str, input_size: int, batch: int, directory: Path) -> tuple[subprocess.Popen, str]:
+def start_server(
+    kind: str, arch: str, input_size: int, batch: int, frontends: int, directory: Path
+) -> tuple[subprocess.Popen, str]:
     repository = directory / "models.toml"
     # A delay window far shorter than one batch's compute but longer than the callers take to send again, so
     # batches fill up to `batch` and are dispatched the moment they are full.
@@ -132,6 +137,7 @@ def start_server(kind: str, arch: str, input_size: int, batch: int, directory: P
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"]
+    command += ["--http-port", "0", "--frontends", str(frontends)]
     with (directory / "server.log").open("wb") as log:
         process = subprocess.Popen([*command, "--model-repository", str(repository)], stdout=log, stderr=log)
     address = f"127.0.0.1:{port}"
@@ -156,9 +162,15 @@ def start_server(kind: str, arch: str, input_size: int, batch: int, directory: P
     raise RuntimeError(f"server did not become ready:\n{(directory / 'server.log').read_text()}")
 
 
-def served_round(work: Workload, callers: int, requests: int, server_pid: int) -> dict:
+@dataclass(frozen=True)
+class ServerPids:
+    server: int  # `python -m service`: with --frontends N the supervisor, its children below it
+    engine: int | None  # with --frontends N: the engine process, whose CPU is also reported on its own
+
+
+def served_round(work: Workload, callers: int, requests: int, pids: ServerPids) -> dict:
     """Every caller sends `requests` images one at a time; the round's images/s, mean batch (as each request saw it:
-    requests weighted, not batches) and the server's and the callers' CPU per request."""
+    requests weighted, not batches) and the server's (and its engine's) and the callers' CPU per request."""
     start_together = threading.Barrier(callers)
 
     def caller(_: int) -> list[int | None]:
@@ -166,13 +178,15 @@ def served_round(work: Workload, callers: int, requests: int, server_pid: int) -
         return [work.send() for _ in range(requests)]
 
     counts_before = work.batch_counts() if work.batch_counts else Counter()
-    cpu_before, client_cpu_before = tree_cpu_seconds(server_pid), time.process_time()
+    cpu_before, client_cpu_before = tree_cpu_seconds(pids.server), time.process_time()
+    engine_before = 0.0 if pids.engine is None else tree_cpu_seconds(pids.engine)
     started = time.perf_counter()
     with ThreadPoolExecutor(callers) as pool:
         answers = [size for sizes in pool.map(caller, range(callers)) for size in sizes]
     seconds = time.perf_counter() - started
-    cpu_seconds = tree_cpu_seconds(server_pid) - cpu_before
+    cpu_seconds = tree_cpu_seconds(pids.server) - cpu_before
     client_cpu_seconds = time.process_time() - client_cpu_before
+    engine_seconds = None if pids.engine is None else tree_cpu_seconds(pids.engine) - engine_before
     if work.batch_counts:
         executions = work.batch_counts() - counts_before
         mean_batch = sum(size * size * n for size, n in executions.items()) / sum(
@@ -186,6 +200,9 @@ def served_round(work: Workload, callers: int, requests: int, server_pid: int) -
         "mean_batch": mean_batch,
         "server_cpu_s": cpu_seconds,
         "server_cpu_ms_per_request": cpu_seconds * 1e3 / len(answers),
+        # The engine's part of server_cpu_ms_per_request (the one process every request goes through); None
+        # without frontends.
+        "engine_cpu_ms_per_request": None if engine_seconds is None else engine_seconds * 1e3 / len(answers),
         # The callers share the machine with the server: what they took of it, per request.
         "client_cpu_ms_per_request": client_cpu_seconds * 1e3 / len(answers),
     }
@@ -196,9 +213,9 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"median": p50, "p20": p20, "p80": p80}
 
 
-def serve(work: Workload, args: argparse.Namespace, server_pid: int, ceiling: dict) -> dict:
-    served_round(work, args.callers, args.requests, server_pid)  # warm-up
-    rounds = [served_round(work, args.callers, args.requests, server_pid) for _ in range(args.rounds)]
+def serve(work: Workload, args: argparse.Namespace, pids: ServerPids, ceiling: dict) -> dict:
+    served_round(work, args.callers, args.requests, pids)  # warm-up
+    rounds = [served_round(work, args.callers, args.requests, pids) for _ in range(args.rounds)]
     rate = spread([r["images_per_s"] for r in rounds])
     cpu = spread([r["server_cpu_ms_per_request"] for r in rounds])
     ratio = rate["median"] / ceiling["images_per_s_median"]
@@ -208,13 +225,32 @@ def serve(work: Workload, args: argparse.Namespace, server_pid: int, ceiling: di
         work.request, args.callers, rate["median"], rate["p20"], rate["p80"],
         float(np.mean([r["mean_batch"] for r in rounds])), cpu["median"], cpu["p20"], cpu["p80"], ratio,
     )  # fmt: skip
+    engine = None if pids.engine is None else spread([r["engine_cpu_ms_per_request"] for r in rounds])
     return {
         "payload": work.payload,
         "rounds": rounds,
         "images_per_s": rate,
         "server_cpu_ms_per_request": cpu,
+        "engine_cpu_ms_per_request": engine,
         "served_over_backend": ratio,
     }
+
+
+def serve_all(args: argparse.Namespace, kind: str, frontends: int, ceiling: dict) -> dict[str, dict]:
+    """Every `--request` against one fresh server with `frontends`."""
+    served = {}
+    with tempfile.TemporaryDirectory() as directory:
+        process, address = start_server(kind, args.arch, args.input_size, args.callers, frontends, Path(directory))
+        started = re.search(r"engine started \(pid (\d+)\)", (Path(directory) / "server.log").read_text())
+        pids = ServerPids(process.pid, int(started.group(1)) if started else None)
+        try:
+            with grpc.insecure_channel(address) as channel:
+                for request in args.request:
+                    served[request] = serve(workload(request, channel, args.arch, args.input_size), args, pids, ceiling)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=120)
+    return served
 
 
 def main() -> None:
@@ -229,6 +265,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4, help="images each caller sends per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--reps", type=int, default=5, help="timed batches of the backend alone")
+    parser.add_argument(
+        "--frontends", type=int, nargs="+", default=[0], help="the server's --frontends, one server per count"
+    )
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where the JSON goes")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -241,18 +280,10 @@ def main() -> None:
         args.callers, ceiling["images_per_s_median"], ceiling["p20_ms"], ceiling["p80_ms"], ceiling["cpu_ms_per_image"],
     )  # fmt: skip
 
-    served = {}
-    with tempfile.TemporaryDirectory() as directory:
-        process, address = start_server(kind, args.arch, args.input_size, args.callers, Path(directory))
-        try:
-            with grpc.insecure_channel(address) as channel:
-                for request in args.request:
-                    served[request] = serve(
-                        workload(request, channel, args.arch, args.input_size), args, process.pid, ceiling
-                    )
-        finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=120)
+    served: dict[str, dict[str, dict]] = {}  # by --frontends, then by request
+    for frontends in args.frontends:
+        logger.info("--frontends %d", frontends)
+        served[str(frontends)] = serve_all(args, kind, frontends, ceiling)
 
     now = datetime.datetime.now(datetime.UTC)
     report = {
@@ -265,6 +296,7 @@ def main() -> None:
         "command": sys.argv[1:],
         "callers": args.callers,
         "requests_per_caller": args.requests,
+        "cpus": len(os.sched_getaffinity(0)),
         "backend_alone": ceiling,
         "served": served,
     }

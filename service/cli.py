@@ -10,7 +10,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from service.backends.base import BACKEND_CHOICES
+from service.decoding import machine_threads
 from service.log import configure_logging
+from service.multiprocess.supervisor import default_frontends, supervise
 from service.repository import DEFAULT_REPOSITORY, RepositoryError
 from service.server import ServerSettings, ServerStartError, serve
 
@@ -49,6 +51,11 @@ def _non_negative_float(text: str) -> float:
     if not value >= 0:  # rejects NaN too
         raise argparse.ArgumentTypeError(f"{value} is not a non-negative number")
     return value
+
+
+def _frontend_count(text: str) -> int | None:
+    """ "auto" (None) or a non-negative count."""
+    return None if text == "auto" else _non_negative_int(text)
 
 
 def _optional_path(text: str) -> Path | None:
@@ -98,6 +105,13 @@ _FLAGS = (
         "threads), so they cannot hold up other clients' images",
     ),
     ("--log-level", _one_of(_LOG_LEVELS), "INFO", ", ".join(_LOG_LEVELS)),
+    (
+        "--frontends",
+        _frontend_count,
+        "auto",
+        "frontend processes sharing the gRPC and HTTP ports beside one engine process that batches for them all; "
+        "0: one process does everything; auto: one per two CPUs this process may run on, 0 below 4",
+    ),
     (
         "--kernel-cache-dir",
         _optional_path,
@@ -166,6 +180,7 @@ def parse_settings(
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
+        frontends=args.frontends,
     )
     return settings, args.log_level
 
@@ -173,7 +188,10 @@ def parse_settings(
 def main(argv: Sequence[str] | None = None) -> int:
     settings, log_level = parse_settings(argv)
     configure_logging(log_level)
+    frontends = default_frontends(machine_threads()) if settings.frontends is None else settings.frontends
     try:
+        if frontends:
+            return supervise(settings, frontends, log_level)
         finished = asyncio.run(serve(settings))
     except (RepositoryError, ServerStartError) as error:
         logger.error("cannot serve: %s", error)

@@ -33,6 +33,7 @@ import torch
 
 from models.inputs import InputSpec
 from service.preprocess import ImageTooLargeError, finish_decode, read_header
+from service.process_tree import end_with_parent
 from service.rpc import run_blocking
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ class ImageDecoder:
     def _start_lane(self) -> ProcessPoolExecutor:
         # spawn: a fork of the server would copy its gRPC and torch threads' state.
         lane = ProcessPoolExecutor(
-            self._lane_workers, mp_context=multiprocessing.get_context("spawn"), initializer=_lower_priority
+            self._lane_workers, mp_context=multiprocessing.get_context("spawn"), initializer=_set_up_lane_worker
         )
         for _ in range(self._lane_workers):
             lane.submit(time.sleep, 0)  # starts the workers now, not when the first large image arrives
@@ -100,7 +101,10 @@ class ImageDecoder:
             self._in_lane -= 1
 
     def shutdown(self) -> None:
-        self._lane.shutdown(wait=False, cancel_futures=True)
+        """Cancels what waits in the lane and joins its workers (at most one decode each to finish). Joined here,
+        not left to interpreter exit: in a process that multiprocessing started (a frontend), its exit joins the
+        workers before concurrent.futures would tell them to stop, and would wait forever."""
+        self._lane.shutdown(wait=True, cancel_futures=True)
 
 
 _rest_until = 0.0  # a worker's: time.monotonic() before which it decodes nothing
@@ -121,8 +125,10 @@ def _decode_in_worker(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarr
         _rest_until = time.monotonic() + cost_s * (1 - LARGE_IMAGE_SHARE) / LARGE_IMAGE_SHARE
 
 
-def _lower_priority() -> None:
-    """A lane worker's initializer: nice LANE_NICE (raising one's own nice needs no privilege)."""
+def _set_up_lane_worker() -> None:
+    """A lane worker's initializer: it ends with its server process, at nice LANE_NICE (raising one's own nice needs
+    no privilege)."""
+    end_with_parent()
     try:
         os.setpriority(os.PRIO_PROCESS, 0, LANE_NICE)
     except OSError as error:  # a sandbox that forbids it: the lane still bounds the work

@@ -14,12 +14,35 @@ ends in Unloaded when a client unloads the model (it may be loaded again), and s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
+
+import torch
 
 from models.inputs import InputSpec
 from models.precision import Precision
-from service.backends import Backend
-from service.batcher import DynamicBatcher
+from service.batcher import BatchResult
 from service.repository import ModelConfig
+
+
+class BackendInfo(Protocol):
+    """What the servicers say of a loaded model's backend (metadata, config). Every Backend has it; a frontend process
+    has it of the engine's backend (service/multiprocess/)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def device(self) -> torch.device: ...
+    @property
+    def preferred_batch_sizes(self) -> tuple[int, ...]: ...
+
+
+class Batcher(Protocol):
+    """Where a request's rows go to be computed: the model's DynamicBatcher, or, in a frontend process, the engine's
+    through service/multiprocess/remote_models.py."""
+
+    async def submit(self, inputs: torch.Tensor, deadline: float | None = None) -> BatchResult: ...
+
+    async def stop(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -39,8 +62,8 @@ class Loaded:
 
     name: str
     precision: Precision
-    backend: Backend
-    batcher: DynamicBatcher
+    backend: BackendInfo
+    batcher: Batcher
     preprocessing: InputSpec
     output: OutputSpec
 

@@ -14,9 +14,11 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
-def configure_logging(level: str) -> None:
-    """Root logging to stderr at `level` ("DEBUG", "INFO", ...), each line tagged with the request id."""
+def configure_logging(level: str, role: str = "") -> None:
+    """Root logging to stderr at `level` ("DEBUG", "INFO", ...), each line tagged with the request id, and with
+    `role` when given (the process's, beside other processes of the server: "engine", "frontend-0")."""
     handler = logging.StreamHandler()
     handler.addFilter(RequestIdFilter())
-    handler.setFormatter(logging.Formatter(_FORMAT))
+    line_format = _FORMAT.replace("%(name)s", f"{role} %(name)s") if role else _FORMAT
+    handler.setFormatter(logging.Formatter(line_format))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)

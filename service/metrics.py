@@ -9,6 +9,11 @@ that only ever increase. Their meaning is Triton's: an inference request is one 
 or HTTP), nv_inference_count counts the images inferred, nv_inference_exec_count the batches run, and a request's
 compute time is that of the batch it ran in.
 
+With frontend processes beside an engine (service/multiprocess/), every process counts what it sees (the frontends
+their requests, the engine its batches) into prometheus-client's multiprocess files, and the engine serves /metrics
+from them all: counters and histograms are summed over every process that ever ran (a restarted frontend's counts
+stay), resnet_model_ready is the engine's, and the process_* families are the engine process's own.
+
 Label values are bounded: the method is one of our RPC names and the model one of the repository's (requests for
 unknown models are counted under "_unknown", and not at all in Triton's families), so a client cannot grow the series
 without limit.
@@ -16,7 +21,8 @@ without limit.
 
 import asyncio
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 
 from aiohttp import web
 from prometheus_client import (
@@ -30,6 +36,9 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 from service.gpu_metrics import gpu_collector
 from service.http.errors import ENDPOINTS, json_errors
@@ -53,19 +62,32 @@ _FAILURE_REASON_OF_CODE = {
 # From a digit image on one core (~1 ms) to a large batch of resnet50 on a busy CPU (seconds).
 _LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# prometheus-client writes every process's values under this directory when it is set at import (multiprocess mode).
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def _multiprocess_dir() -> str | None:
+    return os.environ.get(MULTIPROCESS_DIR_ENV) or None
 
 
 class ServiceMetrics:
     """Requests by model/method/code, latency histograms (total, queue, compute), batch sizes, queue depth."""
 
     def __init__(self) -> None:
+        # The families below live in `registry`; /metrics serves `served`, the same registry in one process, and in
+        # multiprocess mode a registry that reads every process's files instead (registering both would count twice).
         self.registry = CollectorRegistry()
+        shared_dir = _multiprocess_dir()
+        if shared_dir is None:
+            self.served = self.registry
+        else:
+            self.served = CollectorRegistry()
+            MultiProcessCollector(self.served, path=shared_dir)
         # The default registry's collectors read the process and interpreter afresh on every scrape: sharing is safe.
         for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
-            self.registry.register(collector)
-        gpus = gpu_collector()
-        if gpus is not None:
-            self.registry.register(gpus)
+            self.served.register(collector)
+        self._queue_depths = _QueueDepths()
+        self.served.register(self._queue_depths)
         self.requests = Counter(
             "resnet_requests",
             "RPCs answered, by model, method and status code",
@@ -106,10 +128,13 @@ class ServiceMetrics:
             ["model"],
             registry=self.registry,
         )
-        self.queue_depth = Gauge(
-            "resnet_queue_depth", "Requests waiting in the model's batch queue", ["model"], registry=self.registry
+        self.model_ready = Gauge(
+            "resnet_model_ready",
+            "1 when the model serves",
+            ["model"],
+            registry=self.registry,
+            multiprocess_mode="livemax",  # only the engine sets it
         )
-        self.model_ready = Gauge("resnet_model_ready", "1 when the model serves", ["model"], registry=self.registry)
         self.triton = TritonMetrics(self.registry)
 
     def record_request(self, model: str, method: str, code: str, seconds: float) -> None:
@@ -140,11 +165,16 @@ class ServiceMetrics:
         return on_batch
 
     def track_queue_depth(self, model: str, depth: Callable[[], int]) -> None:
-        self.queue_depth.labels(model).set_function(depth)
+        """resnet_queue_depth{model} reads `depth()` at each scrape (in the process that runs the batchers)."""
+        self._queue_depths.track(model, depth)
 
     async def serve_http(self, host: str, port: int) -> web.AppRunner:
-        """Starts /metrics on host:port (OSError when it cannot bind); `cleanup()` the runner to stop it."""
-        runner = await start_site(metrics_app(self.registry), host, port, grace_s=1.0)
+        """Starts /metrics on host:port (OSError when it cannot bind); `cleanup()` the runner to stop it. Only the
+        process serving /metrics reads the GPUs (nv_gpu_*)."""
+        gpus = gpu_collector()
+        if gpus is not None:
+            self.served.register(gpus)
+        runner = await start_site(metrics_app(self.served), host, port, grace_s=1.0)
         logger.info("metrics on http://%s:%d/metrics", host, port)
         return runner
 
@@ -154,7 +184,9 @@ class TritonMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         def family(name: str, help_text: str, *extra_labels: str) -> Gauge:
-            return Gauge(name, help_text, ["model", "version", *extra_labels], registry=registry)
+            # "sum": in multiprocess mode each process's share adds up, a process that ended included.
+            labels = ["model", "version", *extra_labels]
+            return Gauge(name, help_text, labels, registry=registry, multiprocess_mode="sum")
 
         self.success = family(
             "nv_inference_request_success", "Number of successful inference requests, all batch sizes"
@@ -180,6 +212,25 @@ class TritonMetrics:
         else:
             self.failure.labels(model, MODEL_VERSION, _FAILURE_REASON_OF_CODE.get(code, "OTHER")).inc()
         self.request_us.labels(model, MODEL_VERSION).inc(seconds * 1e6)
+
+
+class _QueueDepths(Collector):
+    """resnet_queue_depth, read from the batchers at each scrape: a collector rather than a callback gauge, which
+    prometheus-client's multiprocess mode cannot export."""
+
+    def __init__(self) -> None:
+        self._depths: dict[str, Callable[[], int]] = {}
+
+    def track(self, model: str, depth: Callable[[], int]) -> None:
+        self._depths[model] = depth
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "resnet_queue_depth", "Requests waiting in the model's batch queue", labels=["model"]
+        )
+        for model, depth in list(self._depths.items()):
+            family.add_metric([model], depth())
+        yield family
 
 
 def metrics_app(registry: CollectorRegistry) -> web.Application:

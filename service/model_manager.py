@@ -24,12 +24,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from models.pretrained import WeightsUnavailableError
 from service.backends import BackendUnavailableError, LaunchesBatches, resolve_backend_kind
 from service.batcher import DynamicBatcher
-from service.echo import echo
 from service.lifecycle import Draining, Failed, Loaded, Loading, ModelState, Ready, ServedModel, Unloaded
 from service.metrics import ServiceMetrics
 from service.model_loader import ModelParts, load_model_parts
 from service.repository import ModelConfig
-from service.statistics import InferenceStatistics
+from service.served_models import ModelNotReadyError, ModelTable
+from service.statistics import InferenceStatistics, ModelStats
 
 logger = logging.getLogger(__name__)
 
@@ -39,19 +39,11 @@ _EXPECTED_LOAD_ERRORS = (WeightsUnavailableError, BackendUnavailableError, OSErr
 LoadParts = Callable[[ModelConfig, str], ModelParts]  # (entry, resolved backend kind) -> parts; blocking
 
 
-class ModelNotFoundError(LookupError):
-    """No model of that name in the repository (NOT_FOUND)."""
-
-
-class ModelNotReadyError(RuntimeError):
-    """The model is loading, failed to load, is draining or was unloaded (UNAVAILABLE)."""
-
-
 class ModelLoadError(ModelNotReadyError):
     """A load asked for at run time failed; the message holds the reason (UNAVAILABLE, as the model is)."""
 
 
-class ModelManager:
+class ModelManager(ModelTable):
     """The served models by name. `on_change` is awaited on the event loop after each model settles.
 
     `load_parts` is the blocking loader (service/model_loader.py); tests pass a fast one. `statistics` counts every
@@ -69,14 +61,14 @@ class ModelManager:
         load_parts: LoadParts = load_model_parts,
         statistics: InferenceStatistics | None = None,
     ) -> None:
-        self._models = {
-            config.name: ServedModel(
+        super().__init__(
+            ServedModel(
                 config,
                 backend_kind=resolve_backend_kind(config.backend or default_backend),
                 max_queue_size=config.max_queue_size or default_queue_size,
             )
             for config in configs
-        }
+        )
         self._metrics = metrics
         self._on_change = on_change
         self._load_parts = load_parts
@@ -91,39 +83,10 @@ class ModelManager:
             metrics.model_ready.labels(name).set(0)
 
     @property
-    def models(self) -> list[ServedModel]:
-        return list(self._models.values())
-
-    @property
     def settled(self) -> bool:
         """Every model has finished its startup load, one way or the other (a load at run time leaves this true, so
         the server stays ready meanwhile)."""
         return self._started_up
-
-    @property
-    def any_ready(self) -> bool:
-        return any(model.ready for model in self._models.values())
-
-    @property
-    def required_not_ready(self) -> list[str]:
-        """The models the repository marks `required` that are not ready."""
-        return [model.name for model in self._models.values() if model.config.required and not model.ready]
-
-    def is_known(self, name: str) -> bool:
-        return name in self._models
-
-    def find(self, name: str) -> ServedModel:
-        try:
-            return self._models[name]
-        except KeyError:
-            raise ModelNotFoundError(f"no model named {echo(name)}; models: {', '.join(self._models)}") from None
-
-    def ready_model(self, name: str) -> Loaded:
-        """What model `name` loaded, while it serves; ModelNotFoundError or ModelNotReadyError otherwise."""
-        model = self.find(name)
-        if not isinstance(model.state, Ready):
-            raise ModelNotReadyError(f"model {name!r} is not ready: {model.reason}")
-        return model.state.loaded
 
     @contextlib.asynccontextmanager
     async def serving(self, name: str) -> AsyncIterator[Loaded]:
@@ -137,6 +100,12 @@ class ModelManager:
             self._in_flight[name] -= 1
             async with self._in_flight_changed:
                 self._in_flight_changed.notify_all()
+
+    def request_statistics(self, name: str) -> ModelStats:
+        return self.statistics.of(name)
+
+    async def statistics_snapshot(self) -> InferenceStatistics:
+        return self.statistics
 
     def start_loading(self) -> None:
         """Starts the loader thread and returns at once."""

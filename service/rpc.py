@@ -26,8 +26,8 @@ from service.batcher import BatcherStoppedError, BatchTooLargeError, DeadlineExc
 from service.echo import bounded, echo
 from service.log import request_id_var
 from service.metrics import UNKNOWN_MODEL, ServiceMetrics
-from service.model_manager import ModelNotFoundError, ModelNotReadyError
 from service.preprocess import ImageTooLargeError, InvalidImageError
+from service.served_models import ModelNotFoundError, ModelNotReadyError
 
 logger = logging.getLogger(__name__)
 

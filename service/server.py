@@ -10,7 +10,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +33,7 @@ from service.model_manager import LoadParts, ModelManager
 from service.reflection import enable_server_reflection
 from service.repository import DEFAULT_REPOSITORY, ModelConfig, load_repository
 from service.rpc import CallScope
+from service.served_models import ServedModels
 from service.servicers.classifier import ClassifierServicer
 from service.servicers.kserve import InferenceServicer
 from service.tls import TlsConfigError, load_tls
@@ -53,6 +54,10 @@ _IDENTITY_ONLY = 1
 HEALTH_SERVICES = ("", CLASSIFIER_SERVICE, INFERENCE_SERVICE)
 # The method label of HTTP requests refused for the token (resnet_requests_total{code="UNAUTHENTICATED"}).
 HTTP_REFUSED_METHOD = "HTTP"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+# (metrics, on_change) -> the models a server serves; by default a ModelManager loading them in this process.
+MakeModels = Callable[[ServiceMetrics, Callable[[], Awaitable[None]]], ServedModels]
 
 
 class ServerStartError(RuntimeError):
@@ -83,23 +88,50 @@ class ServerSettings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    # Frontend processes beside one engine process (service/multiprocess/); 0: this one process does everything;
+    # None: as many as the machine's CPUs suit (service/multiprocess/supervisor.py default_frontends).
+    frontends: int | None = None
+
+
+def local_models(
+    settings: ServerSettings,
+    configs: Sequence[ModelConfig],
+    metrics: ServiceMetrics,
+    on_change: Callable[[], Awaitable[None]],
+    load_parts: LoadParts = load_model_parts,
+) -> ModelManager:
+    """The models loaded and batched in this process, with the settings' defaults for what their entries leave out."""
+    return ModelManager(
+        configs,
+        default_backend=settings.backend,
+        default_queue_size=settings.queue_size,
+        metrics=metrics,
+        on_change=on_change,
+        load_parts=load_parts,
+    )
 
 
 class InferenceServer:
     def __init__(
-        self, settings: ServerSettings, configs: Sequence[ModelConfig], load_parts: LoadParts = load_model_parts
+        self,
+        settings: ServerSettings,
+        configs: Sequence[ModelConfig],
+        load_parts: LoadParts = load_model_parts,
+        *,
+        make_models: MakeModels | None = None,
+        share_ports: bool = False,
     ) -> None:
-        """`load_parts` loads one model (service/model_loader.py); tests serve stand-in backends through it."""
+        """`load_parts` loads one model (service/model_loader.py); tests serve stand-in backends through it.
+        `make_models` replaces the models loaded here (a frontend's mirror of the engine's); `share_ports`: bind the
+        gRPC and HTTP ports with SO_REUSEPORT, beside the other frontends."""
         self._settings = settings
+        self._share_ports = share_ports
         self.metrics = ServiceMetrics()
-        self.models = ModelManager(
-            configs,
-            default_backend=settings.backend,
-            default_queue_size=settings.queue_size,
-            metrics=self.metrics,
-            on_change=self._refresh_health,
-            load_parts=load_parts,
-        )
+        self.models: ServedModels
+        if make_models is None:
+            self.models = local_models(settings, configs, self.metrics, self._refresh_health, load_parts)
+        else:
+            self.models = make_models(self.metrics, self._refresh_health)
         self._health = HealthServicer()
         self._draining = False
         self._server: grpc.aio.Server | None = None
@@ -141,8 +173,8 @@ class InferenceServer:
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
-                # Without this a second server on the same port would silently share it.
-                ("grpc.so_reuseport", 0),
+                # Only frontends share a port; otherwise a second server on the same port would silently share it.
+                ("grpc.so_reuseport", int(self._share_ports)),
                 ("grpc.compression_enabled_algorithms_bitset", _IDENTITY_ONLY),
             ],
         )
@@ -178,6 +210,7 @@ class InferenceServer:
                     settings.http_port,
                     grace_s=settings.grace_period_s,
                     ssl_context=None if tls is None else tls.ssl_context,
+                    reuse_port=self._share_ports,
                 )
                 self._http_runners.append(await site)
                 logger.info("KServe v2 HTTP/REST on %s:%d", settings.host, settings.http_port)
@@ -207,7 +240,7 @@ class InferenceServer:
         if self._decode_executor is not None:
             self._decode_executor.shutdown(wait=False, cancel_futures=True)
         if self._image_decoder is not None:
-            self._image_decoder.shutdown()
+            await asyncio.to_thread(self._image_decoder.shutdown)
         logger.info("stopped")
 
     def _count_unauthenticated(self, method: str) -> None:
@@ -252,15 +285,19 @@ async def serve(settings: ServerSettings) -> bool:
     configs = load_repository(settings.model_repository)
     if settings.kernel_cache_dir is not None:
         use_kernel_cache(settings.kernel_cache_dir)
-    server = InferenceServer(settings, configs)
+    return await serve_until_signalled(InferenceServer(settings, configs), settings.grace_period_s, STOP_SIGNALS)
+
+
+async def serve_until_signalled(server: InferenceServer, grace_period_s: float, stop_signals: Sequence[int]) -> bool:
+    """Starts `server`, and at the first of `stop_signals` stops it gracefully; as `serve` for the result."""
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signal_number in (signal.SIGTERM, signal.SIGINT):
+    for signal_number in stop_signals:
         loop.add_signal_handler(signal_number, stop_requested.set)
     await server.start()
     await stop_requested.wait()
-    logger.info("shutdown requested: finishing in-flight requests (grace %.1f s)", settings.grace_period_s)
+    logger.info("shutdown requested: finishing in-flight requests (grace %.1f s)", grace_period_s)
     stopping = time.monotonic()
-    await server.stop(settings.grace_period_s)
+    await server.stop(grace_period_s)
     # A model part-way through loading gets what is left of the grace period to finish.
-    return await server.models.wait_for_loader(max(0.0, settings.grace_period_s - (time.monotonic() - stopping)))
+    return await server.models.wait_for_loader(max(0.0, grace_period_s - (time.monotonic() - stopping)))

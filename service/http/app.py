@@ -19,8 +19,8 @@ from service.http.context import HttpCallContext
 from service.http.errors import ENDPOINTS, HttpCallError, error_response, json_errors
 from service.http.proto_json import message_json
 from service.http.tensors import HEADER_LENGTH, OutputEncoding, infer_response_body, parse_infer_request
-from service.model_manager import ModelManager
 from service.rpc import run_blocking
+from service.served_models import ServedModels
 from service.servicers.kserve import InferenceServicer
 
 # Paths with and without /versions/{version}; an absent version is "" as in gRPC (the model's only version).
@@ -30,7 +30,7 @@ _MODEL_VERSION = "/v2/models/{model}/versions/{version}"
 
 def kserve_http_app(
     servicer: InferenceServicer,
-    models: ModelManager,
+    models: ServedModels,
     executor: Executor,
     *,
     max_body_bytes: int,
@@ -61,7 +61,7 @@ def kserve_http_app(
 
 
 class _Routes:
-    def __init__(self, servicer: InferenceServicer, models: ModelManager, executor: Executor) -> None:
+    def __init__(self, servicer: InferenceServicer, models: ServedModels, executor: Executor) -> None:
         self._servicer = servicer
         self._models = models
         self._executor = executor

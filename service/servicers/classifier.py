@@ -7,8 +7,8 @@ from service._proto import classifier_pb2, classifier_pb2_grpc
 from service.decoding import ImageDecoder
 from service.lifecycle import ServedModel
 from service.metrics import ServiceMetrics
-from service.model_manager import ModelManager
 from service.rpc import CallScope, RpcError, deadline_of, rpc_handler
+from service.served_models import ServedModels
 
 DEFAULT_TOP_K = 5
 
@@ -16,7 +16,7 @@ DEFAULT_TOP_K = 5
 class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
     def __init__(
         self,
-        models: ModelManager,
+        models: ServedModels,
         scope: CallScope,
         metrics: ServiceMetrics,
         *,

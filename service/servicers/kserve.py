@@ -28,8 +28,8 @@ from service._proto import grpc_service_pb2_grpc
 from service.echo import echo
 from service.lifecycle import Loaded
 from service.metrics import ServiceMetrics
-from service.model_manager import ModelManager
 from service.rpc import CallScope, Failure, RpcError, deadline_of, invalid_argument, rpc_handler, run_blocking
+from service.served_models import ServedModels
 from service.servicers.kserve_messages import (
     MODEL_VERSION,
     OUTPUT_NAME,
@@ -73,7 +73,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
     def __init__(
         self,
-        models: ModelManager,
+        models: ServedModels,
         scope: CallScope,
         metrics: ServiceMetrics,
         *,
@@ -140,7 +140,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             raise invalid_argument(f"version {echo(request.version)} given without a model name")
         else:
             models = self._models.models
-        statistics = self._models.statistics
+        statistics = await self._models.statistics_snapshot()
         return pb.ModelStatisticsResponse(
             model_stats=[model_statistics(model.name, statistics.of(model.name)) for model in models]
         )
@@ -222,7 +222,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         statistics (a failure too, once the model is known to serve)."""
         started = time.perf_counter_ns()
         async with self._models.serving(request.model_name) as model:
-            stats = self._models.statistics.of(model.name)
+            stats = self._models.request_statistics(model.name)
             try:
                 response, rows, times = await self._infer_loaded(model, request, deadline)
             except Exception:

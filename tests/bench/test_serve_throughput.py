@@ -16,23 +16,35 @@ CALLERS = 2
 REQUESTS_PER_CALLER = 3
 
 
-def test_every_request_kind_is_served_and_measured(tmp_path: Path):
+def test_every_request_kind_is_served_and_measured_with_and_without_frontends(tmp_path: Path):
     command = [sys.executable, "-m", "bench.serve_throughput", "--request", *REQUESTS, "--arch", "digits_resnet"]
-    command += ["--input-size", "32", "--backend", "onnxruntime", "--callers", str(CALLERS)]
+    command += ["--input-size", "32", "--backend", "onnxruntime", "--callers", str(CALLERS), "--frontends", "0", "1"]
     command += ["--requests", str(REQUESTS_PER_CALLER), "--rounds", "2", "--reps", "1", "--out-dir", str(tmp_path)]
     done = subprocess.run(
-        command, cwd=REPO_ROOT, env={**os.environ, **CPU_ONLY}, capture_output=True, text=True, timeout=120
+        command, cwd=REPO_ROOT, env={**os.environ, **CPU_ONLY}, capture_output=True, text=True, timeout=240
     )
     assert done.returncode == 0, done.stderr
     (path,) = tmp_path.glob("serve_throughput_cpu_*.json")
     report = json.loads(path.read_text())
     assert report["backend_alone"]["arch"] == "digits_resnet" and report["backend_alone"]["batch"] == CALLERS
     assert report["backend_alone"]["cpu_ms_per_image"] >= 0
-    assert list(report["served"]) == list(REQUESTS)
-    payloads = [report["served"][request]["payload"] for request in REQUESTS]
+    assert list(report["served"]) == ["0", "1"]
+    for frontends, by_request in report["served"].items():
+        assert list(by_request) == list(REQUESTS), frontends
+        check_served(report, by_request)
+        # With frontends, the engine's CPU is reported on its own, a part of the server's.
+        for served in by_request.values():
+            for measured in served["rounds"]:
+                engine = measured["engine_cpu_ms_per_request"]
+                assert (engine is None) == (frontends == "0"), (frontends, measured)
+                assert engine is None or 0 <= engine <= measured["server_cpu_ms_per_request"], measured
+
+
+def check_served(report: dict, by_request: dict) -> None:
+    payloads = [by_request[request]["payload"] for request in REQUESTS]
     assert payloads[0].startswith("JPEG") and "FP32 [1, 3, 32, 32]" in payloads[1]
     assert "UINT8 [1, 32, 32, 3]" in payloads[2]
-    for request, served in report["served"].items():
+    for request, served in by_request.items():
         assert len(served["rounds"]) == 2, request
         for measured in served["rounds"]:
             assert measured["images_per_s"] > 0 and 1 <= measured["mean_batch"] <= CALLERS, (request, measured)
@@ -43,7 +55,7 @@ def test_every_request_kind_is_served_and_measured(tmp_path: Path):
         assert rate["p20"] <= rate["median"] <= rate["p80"]
         assert served["served_over_backend"] == rate["median"] / report["backend_alone"]["images_per_s_median"]
     # One round may take less than a clock tick of server CPU; all of them together (36 requests) do not.
-    assert sum(measured["server_cpu_s"] for served in report["served"].values() for measured in served["rounds"]) > 0
+    assert sum(measured["server_cpu_s"] for served in by_request.values() for measured in served["rounds"]) > 0
 
 
 def test_tree_cpu_seconds_counts_a_grandchild():

@@ -13,6 +13,7 @@ import triton
 
 from kernels.autotune import Platform, driver_version
 from service.cli import build_parser, env_name, parse_settings
+from service.multiprocess.supervisor import default_frontends
 from service.repository import DEFAULT_REPOSITORY
 from service.server import ServerSettings
 from tests.support.server import CPU_ONLY, REPO_ROOT, serving, write_repository
@@ -51,6 +52,7 @@ def test_every_flag_comes_from_the_environment_and_a_flag_wins(tmp_path: Path):
         "RESNET_SERVE_TLS_CERT": str(tmp_path / "cert.pem"),
         "RESNET_SERVE_TLS_KEY": str(tmp_path / "key.pem"),
         "RESNET_SERVE_TLS_CLIENT_CA": str(tmp_path / "ca.pem"),
+        "RESNET_SERVE_FRONTENDS": "3",
     }
     flags = [action.option_strings[0] for action in build_parser({})._actions if action.dest != "help"]
     assert sorted(env_name(flag) for flag in flags) == sorted(environ)
@@ -62,6 +64,7 @@ def test_every_flag_comes_from_the_environment_and_a_flag_wins(tmp_path: Path):
         decode_threads=3, large_image_pixels=5000, kernel_cache_dir=tmp_path / "kernels",
         auth_token_file=tmp_path / "token",
         tls_cert=tmp_path / "cert.pem", tls_key=tmp_path / "key.pem", tls_client_ca=tmp_path / "ca.pem",
+        frontends=3,
     )  # fmt: skip
     assert log_level == "DEBUG"
 
@@ -78,6 +81,8 @@ def test_every_flag_comes_from_the_environment_and_a_flag_wins(tmp_path: Path):
         (["--grace-period", "-1"], {}, "--grace-period"),
         (["--max-message-bytes", "0"], {}, "--max-message-bytes"),
         (["--backend", "cuda"], {}, "--backend"),
+        (["--frontends", "-1"], {}, "--frontends"),
+        ([], {"RESNET_SERVE_FRONTENDS": "many"}, "--frontends"),
     ],
 )
 def test_bad_values_are_refused(argv: list[str], environ: dict[str, str], flag: str, capsys: pytest.CaptureFixture):
@@ -85,6 +90,12 @@ def test_bad_values_are_refused(argv: list[str], environ: dict[str, str], flag: 
         parse_settings(argv, environ=environ)
     assert raised.value.code == 2
     assert f"argument {flag}:" in capsys.readouterr().err
+
+
+def test_frontends_auto_is_one_per_two_cpus_and_none_below_four():
+    assert parse_settings([], environ={})[0].frontends is None  # auto
+    assert parse_settings(["--frontends", "0"], environ={})[0].frontends == 0
+    assert [default_frontends(cpus) for cpus in (1, 2, 3, 4, 16, 17)] == [0, 0, 0, 2, 8, 8]
 
 
 def test_an_empty_kernel_cache_dir_keeps_nothing():

@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -39,7 +40,9 @@ REPOSITORY = {
 ATTACKERS = 4
 SAMPLES = 300  # good requests per phase: p99 is then the 3rd largest
 ATTACK_MAX_S = 20.0  # the attacked phase stops here even if its samples are not all in
-PASSED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
+# What an attack request may get: its decode's error, the lane's refusal when full, or its deadline while it waits
+# in the throttled lane (the point of the lane: the attacker waits, the others do not).
+PASSED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +61,18 @@ def truncated_large_png() -> bytes:
     return buffer.getvalue()[: 33 * 1024]
 
 
-def latencies_ms(stub: classifier_pb2_grpc.ClassifierStub, image: bytes, count: int, until: float) -> np.ndarray:
-    """Seconds -> milliseconds of `count` sequential good Classify calls (fewer if the monotonic clock passes
-    `until`); each must succeed."""
+def latencies_ms(
+    stub: classifier_pb2_grpc.ClassifierStub,
+    image: bytes,
+    count: int,
+    until: float,
+    keep_going: Callable[[], bool] = lambda: False,
+) -> np.ndarray:
+    """Seconds -> milliseconds of `count` sequential good Classify calls, more while `keep_going()` (fewer either way
+    if the monotonic clock passes `until`); each must succeed."""
     request = classifier_pb2.ClassifyRequest(model="digits", image=image, top_k=1)
-    times = []
-    while len(times) < count and time.monotonic() < until:
+    times: list[float] = []
+    while (len(times) < count or keep_going()) and time.monotonic() < until:
         start = time.perf_counter()
         stub.Classify(request, timeout=10)
         times.append((time.perf_counter() - start) * 1e3)
@@ -110,7 +119,7 @@ def test_costly_images_do_not_starve_other_clients(server: ServerProcess):
 
     answers = [answer for per_attacker in outcomes for answer in per_attacker]
     codes = Counter(code for code, _ in answers)
-    assert all(len(per_attacker) >= 3 for per_attacker in outcomes), f"the attack did not run: {codes}"
+    assert all(outcomes), f"the attack did not run: {codes}"
     assert set(codes) <= set(PASSED), f"attack answers: {codes}"
     assert all(message for _, message in answers), "every refusal says why"
 

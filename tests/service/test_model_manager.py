@@ -23,8 +23,9 @@ from service.batcher import BatcherStoppedError
 from service.lifecycle import Draining, Failed, Loaded, Loading, OutputSpec, Ready, ServedModel, Unloaded
 from service.metrics import ServiceMetrics
 from service.model_loader import ModelParts
-from service.model_manager import ModelLoadError, ModelManager, ModelNotFoundError, ModelNotReadyError
+from service.model_manager import ModelLoadError, ModelManager
 from service.repository import ModelConfig
+from service.served_models import ModelNotFoundError, ModelNotReadyError
 from tests.support.numerics import CROSS_BACKEND_TOLERANCE, assert_relative_close
 
 CLASSES = 3

@@ -12,9 +12,9 @@ import pytest
 
 from service.batcher import BatcherStoppedError, BatchTooLargeError, DeadlineExceededError, QueueFullError
 from service.metrics import UNKNOWN_MODEL, ServiceMetrics
-from service.model_manager import ModelNotFoundError, ModelNotReadyError
 from service.preprocess import ImageTooLargeError, InvalidImageError
 from service.rpc import REQUEST_ID_KEY, CallScope, RpcError, WireRequest, deadline_passed, rpc_handler
+from service.served_models import ModelNotFoundError, ModelNotReadyError
 
 KNOWN_MODEL = "digits"
 

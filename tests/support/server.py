@@ -138,6 +138,8 @@ def start_server(
     command += ["--metrics-port", str(metrics_port), "--http-port", str(http_port), "--log-level", "INFO"]
     if repository is not None:
         command += ["--model-repository", str(repository)]
+    if "--frontends" not in args:  # one process, whatever the machine's CPUs (--frontends auto)
+        command += ["--frontends", "0"]
     environment = {key: value for key, value in {**os.environ, **(env or {})}.items() if key not in unset_env}
     log_path = log_dir / f"server-{port}.log"
     with log_path.open("wb") as log:
