@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from service.lifecycle import Draining, Failed, Loading, ModelState, Ready, Unloaded
+from service.lifecycle import ModelState
 from service.model_manager import ModelManager
 
 
@@ -34,9 +34,6 @@ class ModelView:
 class EngineState:
     settled: bool
     models: tuple[ModelView, ...]
-
-
-STATES = (Loading, Ready, Failed, Draining, Unloaded)
 
 
 def describe(models: ModelManager) -> EngineState:

@@ -9,6 +9,7 @@ trip over; the supervisor creates and removes the files.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 from pathlib import Path
@@ -39,9 +40,7 @@ class SlotFile:
         ValueError when the slot does not exist or the tensor would not fit in it."""
         if not 0 <= slot < self.slots:
             raise ValueError(f"slot {slot} is not one of the {self.slots} slots")
-        count = 1
-        for size in shape:
-            count *= size
+        count = math.prod(shape)
         if count * dtype.itemsize > self.slot_bytes:
             raise ValueError(f"a {dtype} tensor of shape {shape} does not fit a {self.slot_bytes}-byte slot")
         if count == 0:
