@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import math
 import pickle
 import struct
@@ -27,6 +28,7 @@ _INFER = struct.Struct("<QdiBB")  # request id, deadline (NaN: none), slot (-1: 
 _RESULT = struct.Struct("<QiIIIii")  # request id, slot (-1: inline), queue_us, compute_us, batch_size, rows, classes
 _ID = struct.Struct("<Q")
 MAX_FRAME_BYTES = 1 << 30
+logger = logging.getLogger(__name__)
 
 # The dtypes a request tensor may have (service/tensor_input.py, the decoder); the code is the index.
 _DTYPES = (torch.uint8, torch.float32, torch.float16)
@@ -53,6 +55,9 @@ class Kind(enum.IntEnum):
     CALL = 7  # frontend -> engine: request id, pickled (operation, argument)
     ANSWER = 8  # engine -> frontend: request id, pickled answer (or FAILED)
     RECORD = 9  # frontend -> engine: pickled request counts for the model's statistics
+
+
+_KINDS = frozenset(Kind)
 
 
 @dataclass(frozen=True)
@@ -91,12 +96,14 @@ def frame(kind: Kind, body: bytes) -> bytes:
 
 
 async def read_frame(reader: asyncio.StreamReader) -> tuple[Kind, bytes] | None:
-    """The next message, or None at the end of the stream (the peer closed or died)."""
+    """The next message, or None at the end of the stream (the peer closed or died) or when the peer sent what is no
+    frame of ours (logged): both ends then treat the connection as ended."""
     try:
         header = await reader.readexactly(_FRAME.size)
         length, kind = _FRAME.unpack(header)
-        if length > MAX_FRAME_BYTES:
-            raise ValueError(f"a {length}-byte frame is over the limit")
+        if length > MAX_FRAME_BYTES or kind not in _KINDS:
+            logger.error("ending the connection: its peer sent a frame of kind %d and %d bytes", kind, length)
+            return None
         return Kind(kind), await reader.readexactly(length)
     except (asyncio.IncompleteReadError, ConnectionError):
         return None

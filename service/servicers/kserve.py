@@ -40,7 +40,7 @@ from service.servicers.kserve_messages import (
     repository_index,
 )
 from service.statistics import RequestTimes
-from service.tensor_input import input_tensor
+from service.tensor_input import converts_cheaply, input_tensor
 
 SERVER_NAME = "fused-resnet"
 # What ServerMetadata lists: exactly the Triton extensions this server implements.
@@ -237,10 +237,11 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         _check_version(model.name, request.model_version)
         class_count = _requested_class_count(request, model)
         input_started = time.perf_counter_ns()
-        # Up to a whole message of bytes to copy (and widen from FP16): off the event loop.
-        inputs = await run_blocking(
-            self._tensor_executor, input_tensor, request, model.name, model.preprocessing.input_size
-        )
+        input_size = model.preprocessing.input_size
+        if converts_cheaply(request):
+            inputs = input_tensor(request, model.name, input_size)
+        else:  # up to a whole message of bytes to copy (and widen from FP16): off the event loop
+            inputs = await run_blocking(self._tensor_executor, input_tensor, request, model.name, input_size)
         input_ns = time.perf_counter_ns() - input_started
         result = await model.batcher.submit(inputs, deadline=deadline)
         output_started = time.perf_counter_ns()

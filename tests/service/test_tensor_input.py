@@ -7,7 +7,7 @@ import torch
 
 from service._proto import grpc_service_pb2 as pb
 from service.rpc import RpcError
-from service.tensor_input import input_tensor
+from service.tensor_input import CHEAP_RAW_INPUT_BYTES, converts_cheaply, input_tensor
 
 SIZE = 4
 
@@ -50,6 +50,17 @@ def test_typed_contents_are_taken_as_triton_takes_them():
     out = input_tensor(request("UINT8", [1, SIZE, SIZE, 3], uint_contents=pixels.tolist()), "m", SIZE)
     assert out.dtype == torch.uint8
     torch.testing.assert_close(out, torch.from_numpy(pixels.astype(np.uint8).reshape(1, SIZE, SIZE, 3)))
+
+
+def test_only_small_raw_inputs_are_converted_on_the_event_loop():
+    side = 224  # a UINT8 image of the usual size stays on the loop; its FP32 form and typed contents hop
+    assert 3 * side * side <= CHEAP_RAW_INPUT_BYTES < 4 * 3 * side * side
+    assert converts_cheaply(request("UINT8", [1, side, side, 3], raw=bytes(3 * side * side)))
+    assert not converts_cheaply(request("FP32", [1, 3, side, side], raw=bytes(4 * 3 * side * side)))
+    assert not converts_cheaply(request("UINT8", [1, SIZE, SIZE, 3], uint_contents=[0] * (3 * SIZE * SIZE)))
+    two_entries = request("UINT8", [1, side, side, 3], raw=bytes(3 * side * side))
+    two_entries.raw_input_contents.append(bytes(CHEAP_RAW_INPUT_BYTES))  # refused later; counted whole here
+    assert not converts_cheaply(two_entries)
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,13 @@
 """The engine and a frontend's mirror of its models, in one process over a real Unix socket and slot file: tensors
 cross the slots (or inline when too large) unchanged, a cancelled request keeps its slot until the engine answers
-and is never computed, and the requests in flight when the engine goes get UNAVAILABLE at once."""
+and is never computed, the requests in flight when the engine goes get UNAVAILABLE at once, and a peer that sends no
+frame of ours loses its connection alone."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import torch
 from models import digits
 from service.lifecycle import Loading, Ready, Unloaded
 from service.multiprocess.engine import Engine
-from service.multiprocess.messages import Hello
+from service.multiprocess.messages import MAX_FRAME_BYTES, Hello, Kind, pack_pickled
 from service.multiprocess.remote_models import RECORDS_EVERY_S, EngineUnavailableError, RemoteModels
 from service.multiprocess.slots import SlotFile, SlotPool, create_slot_file
 from service.repository import ModelConfig
@@ -169,5 +171,26 @@ def test_load_unload_and_statistics_are_the_engines(tmp_path: Path) -> None:
         stats = (await pair.frontend.statistics_snapshot()).of("m")
         assert (stats.success.count, stats.success.ns, stats.fail.count, stats.fail.ns) == (1, 5000, 1, 7000)
         assert (stats.execution_count, stats.inference_count) == (1, 1)
+
+    with_pair(tmp_path, body)
+
+
+@pytest.mark.parametrize("header", [struct.pack("<IB", MAX_FRAME_BYTES + 1, Kind.INFER), struct.pack("<IB", 0, 200)],
+                         ids=["oversize", "unknown-kind"])  # fmt: skip
+def test_a_peer_sending_no_frame_of_ours_loses_its_connection_and_nobody_else_does(tmp_path: Path, header) -> None:
+    async def body(pair: Pair) -> None:
+        slot_path = tmp_path / "slots-1"
+        create_slot_file(slot_path, SLOTS, SLOT_BYTES)
+        reader, writer = await asyncio.open_unix_connection(str(tmp_path / "engine.sock"))
+        writer.write(pack_pickled(Kind.HELLO, Hello(1, os.getpid(), str(slot_path), SLOT_BYTES)))
+        writer.write(header)
+        async with asyncio.timeout(10):
+            while await reader.read(1 << 16):  # the engine's state, then the end of the stream
+                pass
+        writer.close()
+        inputs = torch.randn(1, 3, digits.INPUT_SIZE, digits.INPUT_SIZE)
+        result = await pair.frontend.ready_model("m").batcher.submit(inputs)
+        torch.testing.assert_close(result.logits, inputs.mean(dim=(2, 3)), rtol=0, atol=0)
+        assert list(pair.engine._connections) == [0]
 
     with_pair(tmp_path, body)
