@@ -8,7 +8,8 @@ connection and slot file, as a frontend process has), each with `--callers` coro
 (the counts reach the engine every 10 ms): the frontends' side without gRPC. The engine's metrics are in
 prometheus-client's multiprocess mode, as under the supervisor. A round is every caller
 sending `--requests` images; per request, the engine's CPU is its process's utime+stime (from /proc) over the round,
-and the link's the CPU of this process (every frontend's link and caller together). Median with spread over
+and the link's the CPU of this process (every frontend's link and caller together); the mean batch is from the
+engine's statistics (the costs per batch are shared by its requests). Median with spread over
 `--rounds` rounds after a warm-up round; JSON to <--out-dir>/engine_overhead_cpu_<date>.json.
 
     python -m bench.engine_overhead [--frontends 2] [--callers 16] [--requests 200] [--rounds 5] [--out-dir DIR]
@@ -118,16 +119,22 @@ async def drive(args: argparse.Namespace, run_dir: Path, engine_pid: int) -> lis
             times = RequestTimes(result.queue_us * 1000, 0, result.compute_us * 1000, 0)
             statistics.record_success(1, time.perf_counter_ns() - started, times)
 
+    async def batches_run() -> int:
+        return (await frontends[0].statistics_snapshot()).of(MODEL.name).execution_count
+
     rounds = []
     for round_index in range(args.rounds + 1):
+        batches = await batches_run()
         engine_cpu, own_cpu, started = tree_cpu_seconds(engine_pid), time.process_time(), time.perf_counter()
         await asyncio.gather(*(caller(frontend) for frontend in frontends for _ in range(args.callers)))
         seconds = time.perf_counter() - started
+        engine_cpu, own_cpu = tree_cpu_seconds(engine_pid) - engine_cpu, time.process_time() - own_cpu
         requests = args.frontends * args.callers * args.requests
         measured = {
             "requests_per_s": requests / seconds,
-            "engine_cpu_us_per_request": (tree_cpu_seconds(engine_pid) - engine_cpu) / requests * 1e6,
-            "link_cpu_us_per_request": (time.process_time() - own_cpu) / requests * 1e6,
+            "engine_cpu_us_per_request": engine_cpu / requests * 1e6,
+            "link_cpu_us_per_request": own_cpu / requests * 1e6,
+            "mean_batch": requests / (await batches_run() - batches),
         }
         logger.info("round %d%s: %s", round_index, " (warm-up)" if round_index == 0 else "", measured)
         if round_index:

@@ -35,7 +35,9 @@ def check_measured(result: dict, rate: str, cpu: set[str]) -> None:
 def test_engine_overhead_measures_the_engine_and_the_links_per_request(tmp_path: Path):
     result = run_bench("bench.engine_overhead", tmp_path, "--frontends", "2", "--callers", "3", "--requests", "5")
     assert result["settings"] == {"frontends": 2, "callers": 3, "requests": 5, "rounds": ROUNDS}
-    check_measured(result, "requests_per_s", {"engine_cpu_us_per_request", "link_cpu_us_per_request"})
+    check_measured(result, "requests_per_s", {"engine_cpu_us_per_request", "link_cpu_us_per_request", "mean_batch"})
+    # Every request was computed: at most its frontends' callers were queued together.
+    assert all(1 <= measured["mean_batch"] <= 2 * 3 for measured in result["rounds"]), result["rounds"]
 
 
 def test_transport_measures_both_transports_per_round_trip(tmp_path: Path):
