@@ -43,7 +43,7 @@ from service.multiprocess.messages import Hello
 from service.multiprocess.remote_models import RemoteModels
 from service.multiprocess.slots import SlotFile, SlotPool, create_slot_file
 from service.repository import ModelConfig
-from service.server import ServerSettings
+from service.server import ServerSettings, serve_until_signalled
 from service.statistics import RequestTimes
 
 MODEL = ModelConfig(name="near_free", arch="digits_resnet", input_size=32, max_batch_size=32, max_queue_delay_us=500)
@@ -72,16 +72,8 @@ def near_free_parts(config: ModelConfig, backend_kind: str) -> ModelParts:
 
 def serve_engine(socket_path: Path) -> None:
     """The engine process: serves until SIGTERM."""
-
-    async def main() -> None:
-        engine = Engine(ServerSettings(metrics_port=0), [MODEL], socket_path, load_parts=near_free_parts)
-        stop = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        await engine.start()
-        await stop.wait()
-        await engine.stop()
-
-    asyncio.run(main())
+    engine = Engine(ServerSettings(metrics_port=0), [MODEL], socket_path, load_parts=near_free_parts)
+    asyncio.run(serve_until_signalled(engine, ServerSettings().grace_period_s, (signal.SIGTERM,)))
 
 
 async def nothing_to_do() -> None:

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 from aiohttp import web
@@ -288,7 +289,18 @@ async def serve(settings: ServerSettings) -> bool:
     return await serve_until_signalled(InferenceServer(settings, configs), settings.grace_period_s, STOP_SIGNALS)
 
 
-async def serve_until_signalled(server: InferenceServer, grace_period_s: float, stop_signals: Sequence[int]) -> bool:
+class Servable(Protocol):
+    """What serve_until_signalled runs: an InferenceServer, or the engine process (service/multiprocess/engine.py)."""
+
+    @property
+    def models(self) -> ServedModels: ...
+
+    async def start(self) -> object: ...
+
+    async def stop(self, grace_s: float) -> None: ...
+
+
+async def serve_until_signalled(server: Servable, grace_period_s: float, stop_signals: Sequence[int]) -> bool:
     """Starts `server`, and at the first of `stop_signals` stops it gracefully; as `serve` for the result."""
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from service.multiprocess.messages import Hello, InferRequest, InferResult, Kind
 from service.multiprocess.model_views import describe
 from service.multiprocess.slots import SlotFile
 from service.repository import ModelConfig
-from service.server import ServerSettings, ServerStartError, local_models
+from service.server import ServerSettings, ServerStartError, local_models, serve_until_signalled
 from service.statistics import RequestTimes
 
 logger = logging.getLogger(__name__)
@@ -65,11 +64,16 @@ class Engine:
         logger.info("engine listening on %s", self._socket_path)
         self.models.start_loading()
 
-    async def stop(self) -> None:
-        """Drains every model (what is queued is computed and answered), then closes every connection."""
+    async def stop(self, grace_s: float) -> None:
+        """Drains every model (what is queued is computed and answered) for up to `grace_s`, then closes every
+        connection: a request still unanswered then gets UNAVAILABLE in its frontend."""
         if self._server is not None:
             self._server.close()
-        await self.models.stop()
+        try:
+            async with asyncio.timeout(grace_s):
+                await self.models.stop()
+        except TimeoutError:
+            logger.warning("the batchers did not drain within the %.1f s grace period; closing", grace_s)
         for connection in list(self._connections.values()):
             connection.close()
         if self._metrics_runner is not None:
@@ -207,14 +211,7 @@ class _FrontendConnection:
 
 
 async def serve_engine(settings: ServerSettings, configs: Sequence[ModelConfig], run_dir: Path) -> bool:
-    """Runs the engine until SIGTERM (the supervisor sends it once every frontend has stopped); like
-    service.server.serve, False when a model was still loading at the end of the grace period."""
+    """Runs the engine until SIGTERM (the supervisor sends it once every frontend has stopped); as
+    service.server.serve for the result."""
     engine = Engine(settings, configs, run_dir / SOCKET_NAME)
-    stop_requested = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop_requested.set)
-    await engine.start()
-    await stop_requested.wait()
-    logger.info("engine stopping: draining the batchers")
-    stopping = time.monotonic()
-    await engine.stop()
-    return await engine.models.wait_for_loader(max(0.0, settings.grace_period_s - (time.monotonic() - stopping)))
+    return await serve_until_signalled(engine, settings.grace_period_s, (signal.SIGTERM,))

@@ -22,9 +22,9 @@ def slot_file_path(run_dir: Path, frontend: int) -> Path:
 
 async def serve_frontend(
     settings: ServerSettings, configs: Sequence[ModelConfig], frontend: int, run_dir: Path, slot_bytes: int
-) -> None:
+) -> bool:
     """Serves until SIGTERM (sent by the supervisor), then drains like a single server: in-flight requests still
-    reach the engine, which stops only after every frontend has."""
+    reach the engine, which stops only after every frontend has. As service.server.serve for the result."""
     path = slot_file_path(run_dir, frontend)
     slots = SlotPool(SlotFile(path, slot_bytes))
     hello = Hello(frontend, os.getpid(), str(path), slot_bytes)
@@ -41,4 +41,4 @@ async def serve_frontend(
         )
 
     server = InferenceServer(settings, configs, make_models=make_models, share_ports=True)
-    await serve_until_signalled(server, settings.grace_period_s, (signal.SIGTERM,))
+    return await serve_until_signalled(server, settings.grace_period_s, (signal.SIGTERM,))

@@ -21,10 +21,11 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
 from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import multiprocess as prometheus_multiprocess
 
@@ -257,16 +258,13 @@ def _child_setup(role: str, log_level: str) -> None:
 
 def _run_engine(settings: ServerSettings, configs: Sequence[ModelConfig], run_dir: Path, log_level: str) -> None:
     _child_setup("engine", log_level)
-    try:
+
+    async def serve() -> bool:
         if settings.kernel_cache_dir is not None:
             use_kernel_cache(settings.kernel_cache_dir)
-        finished = asyncio.run(serve_engine(settings, configs, run_dir))
-    except ServerStartError as error:
-        logger.error("engine cannot start: %s", error)
-        sys.exit(START_FAILED)
-    if not finished:  # as service/cli.py: a load left in native code
-        logging.shutdown()
-        os._exit(0)
+        return await serve_engine(settings, configs, run_dir)
+
+    _serve_child("the engine", serve)
 
 
 def _run_frontend(
@@ -278,8 +276,18 @@ def _run_frontend(
     log_level: str,
 ) -> None:
     _child_setup(f"frontend-{index}", log_level)
+    _serve_child(f"frontend {index}", lambda: serve_frontend(settings, configs, index, run_dir, slot_bytes))
+
+
+def _serve_child(what: str, serve: Callable[[], Coroutine[Any, Any, bool]]) -> None:
+    """Runs a child's server to its end: exit START_FAILED when it cannot start (the supervisor then stops
+    everything), and without the interpreter's shutdown when a model load is left in native code (as service/cli.py
+    does)."""
     try:
-        asyncio.run(serve_frontend(settings, configs, index, run_dir, slot_bytes))
+        finished = asyncio.run(serve())
     except ServerStartError as error:
-        logger.error("frontend %d cannot start: %s", index, error)
+        logger.error("%s cannot start: %s", what, error)
         sys.exit(START_FAILED)
+    if not finished:
+        logging.shutdown()
+        os._exit(0)

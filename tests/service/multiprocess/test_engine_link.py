@@ -87,7 +87,7 @@ def with_pair(tmp_path: Path, body: Callable[[Pair], Awaitable[None]], *, hold: 
         finally:
             pair.backend.release.set()
             await pair.frontend.stop()
-            await pair.engine.stop()
+            await pair.engine.stop(grace_s=10)
 
     asyncio.run(main())
 

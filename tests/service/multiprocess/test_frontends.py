@@ -128,7 +128,9 @@ def test_a_killed_frontend_is_restarted_while_the_port_keeps_serving(server: Ser
                 infer_request("UINT8", image), timeout=30
             )
     wait_for(lambda: pids_of(server, "frontend-0")[-1] != victim, 30, "frontend-0 to be restarted")
-    server.wait_until_serving(timeout_s=60)
+    restarted = pids_of(server, "frontend-0")[-1]
+    # Connected to the engine, so serving (and past its start-up, where a SIGTERM would find no handler yet).
+    wait_for(lambda: f"frontend 0 (pid {restarted}) connected" in server.log(), 60, "the new frontend-0 to serve")
     # The dead frontend's counts stay in the sums.
     assert server.metric("resnet_requests_total", method="ModelInfer", code="OK") >= served_before + 10
 
