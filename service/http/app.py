@@ -6,7 +6,7 @@ the batcher, the checks, the metrics and the mapping of errors to status codes.
 """
 
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any
 
@@ -121,19 +121,22 @@ class _Routes:
         return web.json_response([message_json(model) for model in answer.models], headers=context.response_headers)
 
     async def load(self, request: web.Request) -> web.Response:
-        context = HttpCallContext(request)
-        options = await _json_options(request, {"parameters": dict})
-        load_request = pb.RepositoryModelLoadRequest(model_name=request.match_info["model"])
-        _set_repository_parameters(load_request.parameters, options.get("parameters", {}))
-        await self._servicer.RepositoryModelLoad(load_request, context.as_servicer_context())
-        return web.Response(status=200, headers=context.response_headers)
+        return await self._repository_call(request, pb.RepositoryModelLoadRequest, self._servicer.RepositoryModelLoad)
 
     async def unload(self, request: web.Request) -> web.Response:
+        return await self._repository_call(
+            request, pb.RepositoryModelUnloadRequest, self._servicer.RepositoryModelUnload
+        )
+
+    async def _repository_call(
+        self, request: web.Request, message_type: Callable[..., Any], rpc: Callable[..., Awaitable[object]]
+    ) -> web.Response:
+        """POST .../load or .../unload: the gRPC call with the body's parameters; 200 and no body."""
         context = HttpCallContext(request)
         options = await _json_options(request, {"parameters": dict})
-        unload_request = pb.RepositoryModelUnloadRequest(model_name=request.match_info["model"])
-        _set_repository_parameters(unload_request.parameters, options.get("parameters", {}))
-        await self._servicer.RepositoryModelUnload(unload_request, context.as_servicer_context())
+        message = message_type(model_name=request.match_info["model"])
+        _set_repository_parameters(message.parameters, options.get("parameters", {}))
+        await rpc(message, context.as_servicer_context())
         return web.Response(status=200, headers=context.response_headers)
 
     async def _metadata(self, request: web.Request, context: HttpCallContext) -> pb.ModelMetadataResponse:
