@@ -153,23 +153,25 @@ class Envoy:
                 flags[host] = rest.removeprefix("health_flags::")
         return flags
 
-    def downstream_requests_active(self) -> int:
-        """Requests in flight from clients (the listeners' stat_prefix in the template; not the admin API's own)."""
-        lines = self.admin("/stats?filter=^http\\.(grpc|rest)\\.downstream_rq_active$").splitlines()
+    def downstream_connections_active(self) -> int:
+        """Clients' connections still open (the listeners' stat_prefix in the template; not the admin API's own)."""
+        lines = self.admin("/stats?filter=^http\\.(grpc|rest)\\.downstream_cx_active$").splitlines()
         return sum(int(line.rpartition(": ")[2]) for line in lines if line.strip())
 
     def drain(self, timeout_s: float) -> None:
-        """Stop taking requests, then wait for the ones in flight. Graceful: for the drain time Envoy still serves
-        while it tells clients to go away (GOAWAY), then closes its listeners (new connections are refused); its
-        statistics do not show that moment, so it is waited for by the clock."""
+        """Stop taking requests, then wait until every client's connection is closed. Graceful: for the drain time
+        Envoy still serves while it tells clients to go away (GOAWAY), then closes its listeners (new connections are
+        refused). An HTTP/2 connection takes new streams until its final GOAWAY, which may come a drain time after
+        the first, so what is waited for is the connections, not the requests: a moment with none in flight is not
+        the end of them (a replica stopped then failed requests Envoy took a moment later)."""
         self.admin("/drain_listeners?graceful", method="POST")
         time.sleep(self.drain_s)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self.downstream_requests_active() == 0:
+            if self.downstream_connections_active() == 0:
                 return
             time.sleep(0.1)
-        logger.warning("envoy still had requests in flight after %.0f s of draining", timeout_s)
+        logger.warning("envoy still had client connections after %.0f s of draining", timeout_s)
 
     def quit(self, timeout_s: float = 10.0) -> int:
         if self.exit_code() is None:

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from service.backends.base import BACKEND_CHOICES
-from service.decoding import machine_threads
+from service.cpus import machine_threads
 from service.log import configure_logging
 from service.multiprocess.supervisor import default_frontends, supervise
 from service.repository import DEFAULT_REPOSITORY, RepositoryError
@@ -110,7 +110,8 @@ _FLAGS = (
         _frontend_count,
         "auto",
         "frontend processes sharing the gRPC and HTTP ports beside one engine process that batches for them all; "
-        "0: one process does everything; auto: one per two CPUs this process may run on, 0 below 4",
+        "0: one process does everything; auto: one per two CPUs this process may use (affinity and cgroup quota), "
+        "0 below 4",
     ),
     (
         "--kernel-cache-dir",

@@ -45,14 +45,6 @@ LARGE_IMAGE_SHARE = 0.25
 LANE_NICE = 19  # the lowest priority: a worker runs when no other process of the machine wants the core
 
 
-def machine_threads() -> int:
-    """The CPUs this process may run on (its affinity, e.g. a container's cpuset), not the machine's count."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 class ImageDecoder:
     """Decodes Classify's images. `executor` is the shared decode pool (its threads: `threads`); the large-image lane
     is this object's own, closed by shutdown()."""

@@ -24,7 +24,8 @@ import models.kernel_cache
 from service._proto import classifier_pb2, grpc_service_pb2
 from service.auth import AuthConfigError, BearerTokenInterceptor, bearer_token_middleware, load_token
 from service.backends.base import AUTO_BACKEND
-from service.decoding import ImageDecoder, machine_threads
+from service.cpus import machine_threads
+from service.decoding import ImageDecoder
 from service.health import HealthServicer
 from service.http.app import kserve_http_app
 from service.http.site import start_site
@@ -80,7 +81,7 @@ class ServerSettings:
     max_message_bytes: int = 16 * 1024 * 1024
     max_pixels: int = 40_000_000
     queue_size: int = 256
-    decode_threads: int = 0  # 0: one per CPU this process may run on (service/decoding.py machine_threads)
+    decode_threads: int = 0  # 0: one per CPU this process may run on (service/cpus.py machine_threads)
     large_image_pixels: int = 4_000_000  # decoding more goes to the large-image lane (service/decoding.py)
     kernel_cache_dir: Path | None = None  # Triton's compiled kernels and autotune results; None: not kept
     auth_token_file: Path | None = None  # service/auth.py; neither this nor auth_token: authentication off

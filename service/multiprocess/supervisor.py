@@ -29,7 +29,7 @@ from typing import Any
 
 from prometheus_client import multiprocess as prometheus_multiprocess
 
-from service.decoding import machine_threads
+from service.cpus import machine_threads
 from service.log import configure_logging
 from service.metrics import MULTIPROCESS_DIR_ENV
 from service.multiprocess.engine import serve_engine
