@@ -105,6 +105,17 @@ def time_cpu(
     return seconds
 
 
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """{"median", "p20", "p80"} of `values`: how the throughput benches report their rounds."""
+    median, p20, p80 = (float(np.quantile(values, q)) for q in QUANTILES)
+    return {"median": median, "p20": p20, "p80": p80}
+
+
+def spread_of_rounds(rounds: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """`spread` of each figure the rounds measured (the keys of the first)."""
+    return {key: spread([measured[key] for measured in rounds]) for key in rounds[0]}
+
+
 def quantiles_ms(seconds: Sequence[float]) -> tuple[float, float, float]:
     """(median, p20, p80) in milliseconds."""
     return tuple(float(np.quantile(seconds, q)) * 1e3 for q in QUANTILES)

@@ -29,11 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import models
-from bench.common import RESULTS, machine
+from bench.common import RESULTS, machine, spread_of_rounds
 from bench.process_cpu import tree_cpu_seconds
 from service.lifecycle import OutputSpec
 from service.metrics import MULTIPROCESS_DIR_ENV
@@ -136,10 +135,6 @@ async def drive(args: argparse.Namespace, run_dir: Path, engine_pid: int) -> lis
     return rounds
 
 
-def spread(values: list[float]) -> dict:
-    return {name: float(np.quantile(values, q)) for name, q in (("median", 0.5), ("p20", 0.2), ("p80", 0.8))}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.engine_overhead", description=__doc__.splitlines()[0])
     parser.add_argument("--frontends", type=int, default=2)
@@ -164,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             engine.terminate()
             engine.join(30)
 
-    summary = {key: spread([r[key] for r in rounds]) for key in rounds[0]}
+    summary = spread_of_rounds(rounds)
     for key, values in summary.items():
         logger.info("%s: %.1f (p20 %.1f, p80 %.1f)", key, values["median"], values["p20"], values["p80"])
     now = datetime.datetime.now(datetime.UTC)

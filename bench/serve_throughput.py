@@ -46,7 +46,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from bench.backend_throughput import ARCH, load, summarize
-from bench.common import RESULTS, command_name, machine, time_cpu
+from bench.common import RESULTS, command_name, machine, spread, time_cpu
 from bench.process_cpu import tree_cpu_seconds
 from service._proto import classifier_pb2, classifier_pb2_grpc
 from service._proto import grpc_service_pb2 as kserve_pb2
@@ -206,11 +206,6 @@ def served_round(work: Workload, callers: int, requests: int, pids: ServerPids) 
         # The callers share the machine with the server: what they took of it, per request.
         "client_cpu_ms_per_request": client_cpu_seconds * 1e3 / len(answers),
     }
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    p20, p50, p80 = (float(np.quantile(values, q)) for q in (0.2, 0.5, 0.8))
-    return {"median": p50, "p20": p20, "p80": p80}
 
 
 def serve(work: Workload, args: argparse.Namespace, pids: ServerPids, ceiling: dict) -> dict:

@@ -33,10 +33,9 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import numpy as np
 import zmq
 
-from bench.common import RESULTS, machine
+from bench.common import RESULTS, machine, spread_of_rounds
 from bench.process_cpu import tree_cpu_seconds
 from service.multiprocess import messages
 from service.multiprocess.messages import Kind
@@ -189,10 +188,6 @@ async def measure(transport: str, address: str, peer_pid: int, args: argparse.Na
     return rounds
 
 
-def spread(values: list[float]) -> dict:
-    return {name: float(np.quantile(values, q)) for name, q in (("median", 0.5), ("p20", 0.2), ("p80", 0.8))}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.transport", description=__doc__.splitlines()[0])
     parser.add_argument("--transport", nargs="+", choices=TRANSPORTS, default=list(TRANSPORTS))
@@ -222,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 peer.terminate()
                 peer.join(10)
-        summary = {key: spread([r[key] for r in rounds]) for key in rounds[0]}
+        summary = spread_of_rounds(rounds)
         for key, values in summary.items():
             logger.info("%s %s: %.1f (p20 %.1f, p80 %.1f)", transport, key, *values.values())
         results[transport] = {"rounds": rounds, **summary}

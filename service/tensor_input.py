@@ -41,8 +41,8 @@ _CONTENTS_FIELDS = (
 )  # fmt: skip
 
 
-# Raw UINT8 becomes a view of the message and raw FP32/FP16 one copy: up to this many bytes that costs less than the hop
-# to an executor thread and back, which is two thread wake-ups and a GIL hand-over (tens of microseconds) per request.
+# Raw contents become one copy of their bytes (widened to float32 for FP16): up to this many, that costs less than the
+# hop to an executor thread and back, which is two thread wake-ups and a GIL hand-over (tens of microseconds).
 CHEAP_RAW_INPUT_BYTES = 256 * 1024  # a 224x224 UINT8 image is 147 KiB; its FP32 form, 588 KiB, hops
 
 
