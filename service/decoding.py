@@ -93,10 +93,17 @@ class ImageDecoder:
             self._in_lane -= 1
 
     def shutdown(self) -> None:
-        """Cancels what waits in the lane and joins its workers (at most one decode each to finish). Joined here,
-        not left to interpreter exit: in a process that multiprocessing started (a frontend), its exit joins the
-        workers before concurrent.futures would tell them to stop, and would wait forever."""
-        self._lane.shutdown(wait=True, cancel_futures=True)
+        """Cancels what waits in the lane and ends its workers now: once the server has drained, what they decode has
+        no caller left, and a worker still starting (its interpreter and imports take seconds on a busy machine)
+        would hold a graceful join that long. Ended here, not left to interpreter exit: in a process that
+        multiprocessing started (a frontend), its exit joins the workers before concurrent.futures would tell them
+        to stop, and would wait forever."""
+        workers = list((self._lane._processes or {}).values())  # shutdown() drops them; no public way before 3.14
+        self._lane.shutdown(wait=False, cancel_futures=True)
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.join()
 
 
 _rest_until = 0.0  # a worker's: time.monotonic() before which it decodes nothing
